@@ -1,0 +1,37 @@
+"""Shared fixtures: seeded random-weight models (built once per session) and the packaged real photos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wcam.engine.models import load_model
+
+
+@pytest.fixture(scope="session")
+def seeded_models():
+    """Build a named torchvision model with seeded random weights, once per session."""
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(name: str) -> torch.nn.Module:
+        if name not in cache:
+            torch.manual_seed(0)
+            cache[name] = load_model(name, weights=None).model
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    """The packaged pretrained EfficientNet-Lite0 (real ImageNet weights, offline)."""
+    return load_model("efficientnet_lite0")
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """Real photos that ship inside scikit-image's wheel (uint8 H x W x 3)."""
+    from skimage import data
+
+    return {"chelsea": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut()}

@@ -1,0 +1,24 @@
+"""wcam: high-throughput Winsor-CAM explanations for CNNs."""
+
+from wcam.engine import (
+    Engine,
+    Explanation,
+    ImageError,
+    Preprocess,
+    TargetError,
+    UnknownLayerError,
+    UnknownModelError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Engine",
+    "Explanation",
+    "ImageError",
+    "Preprocess",
+    "TargetError",
+    "UnknownLayerError",
+    "UnknownModelError",
+    "__version__",
+]

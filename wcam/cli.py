@@ -1,0 +1,380 @@
+"""The ``wcam`` command line: ``wcam explain IMAGE...`` writes heatmap overlays (more subcommands later).
+
+Exit codes: 0 success, 1 runtime error (missing or unreadable file, I/O, model failure), 2 usage error
+(bad option, unknown model or layer, bad p). Every error is one ``wcam: error: ...`` line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from wcam import Engine
+
+logger = logging.getLogger("wcam.cli")
+
+PROG = "wcam"
+DEMO_PHOTOS = ("chelsea", "coffee")  # skimage.data photos shipped inside scikit-image's wheel
+
+
+class CliError(Exception):
+    """An error reported as one ``wcam: error: <message>`` line with exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error raises :class:`CliError` (one line, status 2) instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(message, code=2)
+
+
+# ------------------------------------------------------------------ argument types
+
+
+def _percentile(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"p must be a number in [0, 100], got {text!r}") from None
+    if not 0.0 <= value <= 100.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"p must be a number in [0, 100], got {text}")
+    return value
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; each subcommand registers its own subparser and handler (``func``)."""
+    from wcam import __version__
+
+    parser = _Parser(prog=PROG, description="Winsor-CAM explanations for CNNs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics on stderr (-vv: debug)")
+    common = _Parser(add_help=False)  # options every subcommand also accepts after its name
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_explain(commands, [common])
+    return parser
+
+
+def _add_explain(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    from wcam.engine.explanation import METHODS
+    from wcam.engine.models import MODELS
+    from wcam.kernels.resample import INTERPOLATIONS
+
+    sub = commands.add_parser(
+        "explain",
+        parents=parents,
+        help="write heatmap overlays for images",
+        description="Explain each image's top-1 class and write OUT/<stem>_wcam.png (the heatmap over the "
+        "photo at its original resolution).",
+        epilog="IMAGE paths after --layers are taken as layer names; put them first or after '--'.",
+    )
+    sub.add_argument("images", nargs="*", metavar="IMAGE", help="image files (any format Pillow reads)")
+    sub.add_argument("--model", default="efficientnet_lite0", metavar="NAME", help=f"one of: {', '.join(MODELS)} (default: %(default)s)")
+    sub.add_argument(
+        "--weights",
+        default="DEFAULT",
+        metavar="W",
+        help="DEFAULT, a torchvision weights name, a state-dict file, or 'none' for random init (default: %(default)s)",
+    )
+    sub.add_argument("--p", type=_percentile, default=90.0, help="Winsor percentile in [0, 100] (default: %(default)s)")
+    sub.add_argument("--method", choices=METHODS, default="winsor", help="(default: %(default)s)")
+    sub.add_argument(
+        "--layers",
+        nargs="+",
+        action="extend",
+        metavar="NAME",
+        help="layer names to explain (default: the model's preset; for gradcam its last Conv2d); commas also separate",
+    )
+    sub.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear", help="(default: %(default)s)")
+    sub.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per forward pass (default: %(default)s)")
+    sub.add_argument("--alpha", type=_alpha, default=0.5, help="heatmap opacity in [0, 1] (default: %(default)s)")
+    sub.add_argument("--out", default="wcam-out", metavar="DIR", help="output folder (default: %(default)s)")
+    sub.add_argument("--npy", action="store_true", help="also write OUT/<stem>_wcam.npy (float32 heatmap, original size)")
+    sub.add_argument("--demo", action="store_true", help="also explain packaged photos (skimage chelsea and coffee)")
+    sub.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
+    sub.set_defaults(func=cmd_explain)
+
+
+# ------------------------------------------------------------------ inputs and outputs
+
+
+@dataclass(frozen=True)
+class _Input:
+    """One image to explain: a display label, how to load it, and the stem its outputs are named after."""
+
+    label: str
+    stem: str
+    load: Callable[[], np.ndarray]
+
+
+def _load_file(path: str) -> np.ndarray:
+    """An image file as ``H x W x 3`` uint8 RGB, upright per its EXIF orientation."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as picture:
+            picture = ImageOps.exif_transpose(picture)
+            return np.asarray(picture.convert("RGB"), dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise CliError(f"no such file: {path}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is "unreadable image"
+        raise CliError(f"cannot read image {path}: {_reason(exc)}") from exc
+
+
+def _check_file(path: str) -> None:
+    """Fail fast, before the model loads: the file exists and Pillow recognises its format (header only)."""
+    from PIL import Image
+
+    if not os.path.exists(path):
+        raise CliError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise CliError(f"is a directory, not an image: {path}")
+    try:
+        with Image.open(path):
+            pass
+    except Image.UnidentifiedImageError:
+        raise CliError(f"cannot read image {path}: not a recognised image format") from None
+    except Exception as exc:  # noqa: BLE001
+        raise CliError(f"cannot read image {path}: {_reason(exc)}") from exc
+
+
+def _demo_inputs() -> list[_Input]:
+    from skimage import data
+
+    return [_Input(f"skimage.data.{name}", name, getattr(data, name)) for name in DEMO_PHOTOS]
+
+
+def _unique_stems(stems: Sequence[str]) -> list[str]:
+    """Output stems with duplicates numbered (x, x_2, x_3...), case-insensitively, so no output is overwritten."""
+    used: set[str] = set()
+    unique = []
+    for stem in stems:
+        candidate, n = stem, 1
+        while candidate.casefold() in used:
+            n += 1
+            candidate = f"{stem}_{n}"
+        used.add(candidate.casefold())
+        unique.append(candidate)
+    return unique
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's message on one line."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+class _Progress:
+    """A one-line ``[####----] 8/20 images`` bar on stderr, redrawn with carriage returns (TTY only)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled and sys.stderr.isatty()
+        self.done = 0
+        self.start = time.perf_counter()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if not self.enabled:
+            return
+        width = 24
+        filled = width * self.done // max(self.total, 1)
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        sys.stderr.write(f"\r[{'#' * filled}{'-' * (width - filled)}] {self.done}/{self.total} images {rate:.1f}/s")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        """Erase a drawn bar so that a result line prints cleanly; the next update redraws it."""
+        if self.enabled and self.done:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.enabled = False
+
+
+def _batches(items: Sequence[_Input], size: int) -> Iterator[Sequence[_Input]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# ------------------------------------------------------------------ explain
+
+
+def _build_engine(args: argparse.Namespace) -> "Engine":
+    """The engine for ``--model/--weights/--device/--interpolation``, with load failures as one-line errors."""
+    import torch
+
+    from wcam import Engine
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights = None if args.weights.lower() == "none" else args.weights
+    logger.info("loading model %s (weights %s) on %s", args.model, weights, device)
+    try:
+        return Engine.from_name(args.model, weights=weights, device=device, interpolation=args.interpolation)
+    except FileNotFoundError as exc:
+        raise CliError(f"cannot load weights {weights!r} for {args.model}: {exc.strerror or _reason(exc)}") from exc
+    except KeyError as exc:  # torchvision's weights-enum lookup of an unknown name
+        raise CliError(f"unknown weights {weights!r} for {args.model}", code=2) from exc
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """``wcam explain``: explain images in batches; write overlays (and heatmaps) named after each input."""
+    from PIL import Image
+
+    from wcam.engine.layers import resolve_layers
+    from wcam.overlay import overlay
+
+    layers = [name for item in args.layers or [] for name in item.split(",") if name] or None
+    if args.method == "gradcam" and layers is not None and len(layers) != 1:
+        raise CliError(f"--method gradcam explains exactly one layer, got {len(layers)} in --layers", code=2)
+    inputs = _demo_inputs() if args.demo else []
+    if not args.images and not inputs:
+        raise CliError("no images given: pass IMAGE paths or --demo", code=2)
+    for path in args.images:  # before the model loads, so a typo fails in a second, not after a minute
+        _check_file(path)
+    inputs += [_Input(path, Path(path).stem, lambda path=path: _load_file(path)) for path in args.images]
+    stems = _unique_stems([item.stem for item in inputs])
+
+    engine = _build_engine(args)
+    device = engine.device
+    if layers is not None:
+        layers = resolve_layers(engine.model, layers)
+    count = len(layers) if layers is not None else (1 if args.method == "gradcam" else len(engine.layers))
+
+    out_dir = Path(args.out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot create output folder {out_dir}: {exc.strerror or _reason(exc)}") from exc
+    p_text = f" p={args.p:g}" if args.method == "winsor" else ""
+    print(f"wcam: method={args.method}{p_text} model={args.model} layers={count} device={device} images={len(inputs)}", flush=True)
+
+    categories = engine.categories or []
+    progress = _Progress(len(inputs), enabled=len(inputs) > args.batch_size)
+    index = 0
+    try:
+        for batch in _batches(inputs, args.batch_size):
+            pictures = [item.load() for item in batch]
+            started = time.perf_counter()
+            explanation = engine.explain(pictures, p=args.p, method=args.method, layers=layers)
+            logger.debug("batch of %d explained in %.2fs", len(batch), time.perf_counter() - started)
+            probabilities = explanation.probabilities.cpu()
+            targets = explanation.targets.cpu().tolist()
+            for i, (item, picture) in enumerate(zip(batch, pictures)):
+                stem = stems[index + i]
+                heat = explanation.heatmap(i).detach().float().cpu().numpy()
+                png = out_dir / f"{stem}_wcam.png"
+                Image.fromarray(overlay(picture, heat, args.alpha)).save(png)
+                written = str(png)
+                if args.npy:
+                    npy = out_dir / f"{stem}_wcam.npy"
+                    np.save(npy, heat.astype(np.float32))
+                    written += f", {npy}"
+                top = int(probabilities[i].argmax())
+                target = int(targets[i])
+                progress.clear()
+                print(
+                    f"{item.label}: {_class_name(categories, top)} ({float(probabilities[i, top]):.1%}); "
+                    f"explained {_class_name(categories, target)} [{target}] -> {written}",
+                    flush=True,
+                )
+            index += len(batch)
+            progress.update(len(batch))
+    finally:
+        progress.close()
+    return 0
+
+
+def _class_name(categories: Sequence[str], index: int) -> str:
+    return categories[index] if 0 <= index < len(categories) else str(index)
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.getLogger("wcam").setLevel(level)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="wcam: %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def _error(message: str, code: int) -> int:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.flush()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``wcam`` command line on ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    from wcam import ImageError, TargetError, UnknownLayerError, UnknownModelError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except CliError as exc:
+        return _error(str(exc), exc.code)
+    except SystemExit as exc:  # --help / --version
+        return exc.code if isinstance(exc.code, int) else 0
+    _configure_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        return _error(str(exc), exc.code)
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except (UnknownModelError, UnknownLayerError, TargetError) as exc:
+        return _error(_reason(exc), 2)
+    except ImageError as exc:
+        return _error(_reason(exc), 1)
+    except ValueError as exc:  # the engine's argument checks (p, method, layer sets, weights names)
+        logger.debug("usage error", exc_info=True)
+        return _error(_reason(exc), 2)
+    except (OSError, RuntimeError) as exc:  # I/O, missing weights, torch failures (e.g. out of memory)
+        logger.debug("runtime error", exc_info=True)
+        return _error(_reason(exc), 1)
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)

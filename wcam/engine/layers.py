@@ -1,0 +1,91 @@
+"""Which layers Winsor-CAM hooks: discovery of every Conv2d, the authors' presets, and name resolution."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable, Sequence
+
+from torch import nn
+
+
+class UnknownLayerError(ValueError):
+    """A layer name that the model does not have (the message lists the closest existing names)."""
+
+
+def conv_layers(model: nn.Module) -> list[str]:
+    """Names of every ``nn.Conv2d`` in ``named_modules()`` order (1x1, depthwise, downsample included)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+
+
+def _efficientnet_keeps(model: nn.Module, name: str) -> bool:
+    """EfficientNet-B0 preset: drop squeeze-excitation convs and the 1x1 expand/project convs of MBConv."""
+    from torchvision.ops.misc import SqueezeExcitation
+
+    parent_name, _, _ = name.rpartition(".")
+    owner_name, _, _ = parent_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, SqueezeExcitation):
+        return False
+    if owner_name.endswith(".block") or owner_name == "block":
+        conv = model.get_submodule(name)
+        return conv.groups > 1  # inside an MBConv block only the depthwise conv is grouped
+    return True
+
+
+def preset_layers(model: nn.Module) -> list[str]:
+    """The default layer set: every Conv2d, with the authors' presets applied by architecture.
+
+    InceptionV3 drops every module under ``AuxLogits``; torchvision's EfficientNet drops the
+    squeeze-excitation convs (``fc1``, ``fc2``) and the 1x1 expand/project convs of each MBConv block.
+    """
+    from torchvision.models import EfficientNet, Inception3
+
+    names = conv_layers(model)
+    if isinstance(model, Inception3):
+        names = [n for n in names if not n.startswith("AuxLogits.")]
+    elif isinstance(model, EfficientNet):
+        names = [n for n in names if _efficientnet_keeps(model, n)]
+    return names
+
+
+def resolve_layers(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Check that every name is a module of ``model``; an unknown one raises with the closest names."""
+    known = dict(model.named_modules())
+    resolved = []
+    for name in names:
+        if not isinstance(name, str) or name not in known or name == "":
+            suggestions = difflib.get_close_matches(str(name), [n for n in known if n], n=5, cutoff=0.5)
+            hint = f"; closest: {', '.join(suggestions)}" if suggestions else ""
+            raise UnknownLayerError(f"unknown layer {name!r} in {type(model).__name__}{hint}")
+        resolved.append(name)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError("layer names must be unique")
+    if not resolved:
+        raise ValueError("need at least one layer")
+    return resolved
+
+
+def select_layers(layer_names: Sequence[str], selection: object) -> list[int]:
+    """Indices into ``layer_names`` chosen by a ``slice`` (e.g. ``slice(10, 40)``) or names or indices."""
+    count = len(layer_names)
+    if isinstance(selection, slice):
+        indices = list(range(count))[selection]
+    elif isinstance(selection, (str, bytes)):
+        raise TypeError("layers must be a slice or a sequence of names or indices, not a single string")
+    else:
+        position = {name: i for i, name in enumerate(layer_names)}
+        indices = []
+        for item in selection:  # type: ignore[attr-defined]
+            if isinstance(item, str):
+                if item not in position:
+                    suggestions = difflib.get_close_matches(item, layer_names, n=5, cutoff=0.5)
+                    hint = f"; closest: {', '.join(suggestions)}" if suggestions else ""
+                    raise UnknownLayerError(f"layer {item!r} is not among the explained layers{hint}")
+                indices.append(position[item])
+            elif isinstance(item, int) and -count <= item < count:
+                indices.append(item % count)
+            else:
+                raise UnknownLayerError(f"layer index {item!r} out of range for {count} layers")
+    if not indices:
+        raise ValueError("the layer selection is empty")
+    return sorted(set(indices))

@@ -1,0 +1,143 @@
+"""Backbone runners: one forward and the gradients of the target logits w.r.t. the hooked layer outputs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from wcam.engine.capture import LayerCapture
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackboneResult:
+    """What the CAM maths needs from the network: logits, targets and per-layer activations/gradients."""
+
+    logits: Tensor  # B x K
+    targets: Tensor  # B, int64
+    activations: list[Tensor]  # each B x C x h x w
+    gradients: list[Tensor]  # same shapes
+
+
+class TargetError(ValueError):
+    """Targets that do not fit the batch or the model's classes."""
+
+
+def resolve_targets(targets: object, logits: Tensor) -> Tensor:
+    """Per-image target classes: the argmax of ``logits`` when None, else validated against ``B x K``."""
+    batch, classes = logits.shape
+    if targets is None:
+        return logits.argmax(dim=1)
+    if isinstance(targets, int) and not isinstance(targets, bool):
+        values = torch.full((batch,), targets, dtype=torch.long)
+    else:
+        values = torch.as_tensor(targets)
+        if values.dtype.is_floating_point or values.dtype == torch.bool or values.dim() > 1:
+            raise TargetError(f"targets must be an int or one int per image, got {values.dtype} {tuple(values.shape)}")
+        values = values.reshape(-1).long()
+        if values.numel() != batch:
+            raise TargetError(f"got {values.numel()} targets for a batch of {batch} images")
+    bad = (values < 0) | (values >= classes)
+    if bool(bad.any()):
+        raise TargetError(
+            f"target {int(values[bad][0])} out of range: the model has {classes} classes (0..{classes - 1})"
+        )
+    return values.to(logits.device)
+
+
+class EvalGuard:
+    """Holds a shared model in eval mode while any call is inside; restores every module's flag after the last.
+
+    Reference-counted under a lock so that concurrent calls on one model never flip it back mid-forward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: list[tuple[nn.Module, bool]] = []
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = [(m, m.training) for m in self._model.modules()]
+                self._model.eval()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    for module, flag in self._saved:
+                        module.training = flag
+                    self._saved = []
+
+
+class EagerRunner:
+    """Runs a torch model eagerly: one forward with hooks, one ``autograd.grad`` to the hooked outputs.
+
+    No parameter gradient is computed or accumulated (``autograd.grad`` only walks to the requested
+    tensors, and the input is the only leaf it needs); works inside ``torch.no_grad()``; refuses
+    ``torch.inference_mode()``, where no graph exists. A layer whose output the next op overwrites in place
+    is detected on the first call that sees it, which then runs again copying that layer's output; later
+    calls copy it from the start.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._eval = EvalGuard(model)
+        self._lock = threading.Lock()
+        self._copied: frozenset[str] = frozenset()
+
+    def run(self, images: Tensor, layers: Sequence[str], targets: object = None) -> BackboneResult:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "wcam needs gradients, which torch.inference_mode() forbids; call it outside inference_mode "
+                "(torch.no_grad() is fine)"
+            )
+        if images.is_inference():
+            images = images.clone()
+        images = images.detach().requires_grad_(True)
+        result = self._attempt(images, layers, targets)
+        if result is None:  # an in-place op overwrote a layer output: now known, so copy it this time
+            result = self._attempt(images, layers, targets)
+        if result is None:
+            raise RuntimeError("layer outputs were overwritten in place although they were copied")
+        return result
+
+    def _attempt(self, images: Tensor, layers: Sequence[str], targets: object) -> BackboneResult | None:
+        with self._eval(), LayerCapture(self.model, list(layers), self._copied) as capture, torch.enable_grad():
+            logits = self.model(images)
+            if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
+                raise TypeError(
+                    f"the model must return B x K logits, got {type(logits).__name__}"
+                    f"{tuple(logits.shape) if isinstance(logits, Tensor) else ''}"
+                )
+            if not bool(torch.isfinite(logits).all()):
+                raise FloatingPointError("the model produced NaN or Inf logits for these images")
+            chosen = resolve_targets(targets, logits.detach())
+            activations = capture.collect()
+            overwritten = capture.overwritten()
+            if overwritten:
+                with self._lock:
+                    self._copied = self._copied | overwritten
+                logger.info("outputs of %s are overwritten in place by the next op; copying them", sorted(overwritten))
+                return None
+            objective = logits.gather(1, chosen.unsqueeze(1)).sum()
+            gradients = torch.autograd.grad(objective, activations, allow_unused=True)
+        gradients = [torch.zeros_like(a) if g is None else g for a, g in zip(activations, gradients)]
+        return BackboneResult(
+            logits=logits.detach(),
+            targets=chosen,
+            activations=[a.detach() for a in activations],
+            gradients=gradients,
+        )

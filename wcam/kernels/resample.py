@@ -1,0 +1,62 @@
+"""Resampling, weighted summation and min-max normalisation of layer maps (spec steps 9-10)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+INTERPOLATIONS = ("bilinear", "nearest")
+
+
+def normalize_maps(maps: Tensor) -> Tensor:
+    """Min-max normalise each map over its last two dims to [0, 1]; a constant map becomes all zeros."""
+    flat = maps.flatten(-2)
+    low = flat.amin(dim=-1, keepdim=True)
+    spread = flat.amax(dim=-1, keepdim=True) - low
+    out = torch.where(spread > 0, (flat - low) / torch.where(spread > 0, spread, 1.0), 0.0)
+    return out.view_as(maps)
+
+
+def resample(maps: Tensor, size: tuple[int, int], interpolation: str) -> Tensor:
+    """Resample ``... x h x w`` maps to ``size`` (bilinear with align_corners=False, or torch's nearest)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:])
+    if interpolation == "bilinear":
+        out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    elif interpolation == "nearest":
+        out = F.interpolate(flat, size=size, mode="nearest")
+    else:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    return out.view(*lead, *size)
+
+
+def weighted_sum(
+    groups: Iterable[tuple[tuple[int, int], list[int], Tensor]],
+    weights: Tensor,
+    out_size: tuple[int, int],
+    interpolation: str,
+) -> tuple[Tensor, Tensor]:
+    """``S = resample(sum_l w_l * resample(M_l, (h*, w*)), out_size)`` for a batch.
+
+    ``groups`` yields ``(size, indices, maps)`` with maps ``B x len(indices) x h x w``; ``weights`` is
+    ``B x L``. (h*, w*) is the largest height and width among the groups given. Resampling is linear and
+    the weights are scalars, so each group is summed at its native size and resampled once; the sum at
+    (h*, w*) is resampled once to ``out_size``. Returns ``(S at (h*, w*), S at out_size)``.
+    """
+    groups = list(groups)
+    if not groups:
+        raise ValueError("no layer maps to sum")
+    star = (max(size[0] for size, _, _ in groups), max(size[1] for size, _, _ in groups))
+    total: Tensor | None = None
+    for _, indices, maps in groups:
+        index = torch.as_tensor(indices, device=weights.device)
+        native = torch.einsum("bl,blhw->bhw", weights.index_select(1, index).to(maps.dtype), maps)
+        part = resample(native, star, interpolation)
+        total = part if total is None else total + part
+    assert total is not None
+    return total, resample(total, out_size, interpolation)
