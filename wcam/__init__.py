@@ -8,6 +8,7 @@ from wcam.engine import (
     TargetError,
     UnknownLayerError,
     UnknownModelError,
+    UnknownWeightsError,
 )
 
 __version__ = "0.1.0"
@@ -20,5 +21,6 @@ __all__ = [
     "TargetError",
     "UnknownLayerError",
     "UnknownModelError",
+    "UnknownWeightsError",
     "__version__",
 ]

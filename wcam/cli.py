@@ -244,7 +244,7 @@ def _build_engine(args: argparse.Namespace) -> "Engine":
     """The engine for ``--model/--weights/--device/--interpolation``, with load failures as one-line errors."""
     import torch
 
-    from wcam import Engine
+    from wcam import Engine, UnknownWeightsError
 
     device = args.device
     if device == "auto":
@@ -255,20 +255,17 @@ def _build_engine(args: argparse.Namespace) -> "Engine":
         return Engine.from_name(args.model, weights=weights, device=device, interpolation=args.interpolation)
     except FileNotFoundError as exc:
         raise CliError(f"cannot load weights {weights!r} for {args.model}: {exc.strerror or _reason(exc)}") from exc
-    except KeyError as exc:  # torchvision's weights-enum lookup of an unknown name
-        raise CliError(f"unknown weights {weights!r} for {args.model}", code=2) from exc
+    except UnknownWeightsError as exc:
+        raise CliError(str(exc), code=2) from exc
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """``wcam explain``: explain images in batches; write overlays (and heatmaps) named after each input."""
     from PIL import Image
 
-    from wcam.engine.layers import resolve_layers
     from wcam.overlay import overlay
 
     layers = [name for item in args.layers or [] for name in item.split(",") if name] or None
-    if args.method == "gradcam" and layers is not None and len(layers) != 1:
-        raise CliError(f"--method gradcam explains exactly one layer, got {len(layers)} in --layers", code=2)
     inputs = _demo_inputs() if args.demo else []
     if not args.images and not inputs:
         raise CliError("no images given: pass IMAGE paths or --demo", code=2)
@@ -279,9 +276,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     engine = _build_engine(args)
     device = engine.device
-    if layers is not None:
-        layers = resolve_layers(engine.model, layers)
-    count = len(layers) if layers is not None else (1 if args.method == "gradcam" else len(engine.layers))
+    count = len(engine.layers_for(args.method, layers))
 
     out_dir = Path(args.out)
     try:

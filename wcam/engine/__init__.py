@@ -3,8 +3,8 @@
 from wcam.engine.engine import Engine
 from wcam.engine.explanation import Explanation
 from wcam.engine.layers import UnknownLayerError
-from wcam.engine.models import UnknownModelError
+from wcam.engine.models import UnknownModelError, UnknownWeightsError
 from wcam.engine.preprocess import ImageError, Preprocess
 from wcam.engine.runner import TargetError
 
-__all__ = ["Engine", "Explanation", "ImageError", "Preprocess", "TargetError", "UnknownLayerError", "UnknownModelError"]
+__all__ = ["Engine", "Explanation", "ImageError", "Preprocess", "TargetError", "UnknownLayerError", "UnknownModelError", "UnknownWeightsError"]

@@ -66,6 +66,18 @@ class Engine:
         kwargs.setdefault("categories", built.categories)
         return cls(built.model, **kwargs)
 
+    def layers_for(self, method: str = "winsor", layers: Sequence[str] | None = None) -> list[str]:
+        """The layers a call with this ``method`` and ``layers`` explains (validated, in order)."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if layers is None:
+            return [self.gradcam_layer] if method == "gradcam" else list(self.layers)
+        if isinstance(layers, str):
+            layers = [layers]
+        if method == "gradcam" and len(layers) != 1:
+            raise ValueError(f"gradcam explains exactly one layer, got {len(layers)}")
+        return resolve_layers(self.model, layers)
+
     def explain(
         self,
         images: Any,
@@ -82,18 +94,9 @@ class Engine:
         layer, default the model's last Conv2d) or ``"layer_mean"`` (unweighted mean of all layer maps).
         ``layers`` overrides the engine's layer set for this call.
         """
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= float(p) <= 100.0):
             raise ValueError(f"p must be a number in [0, 100], got {p!r}")
-        if layers is not None:
-            names = resolve_layers(self.model, layers)
-        elif method == "gradcam":
-            names = [self.gradcam_layer]
-        else:
-            names = self.layers
-        if method == "gradcam" and len(names) != 1:
-            raise ValueError(f"gradcam explains exactly one layer, got {len(names)}")
+        names = self.layers_for(method, layers)
         batch, sizes = self.preprocess(images, self.device, self.dtype)
         result = self._runner.run(batch, names, targets)
         maps = layer_maps(result.activations, result.gradients)

