@@ -13,7 +13,7 @@ from wcam.engine.layers import conv_layers, preset_layers, resolve_layers
 from wcam.engine.models import load_model
 from wcam.engine.preprocess import Preprocess
 from wcam.engine.runner import EagerRunner
-from wcam.kernels import layer_maps
+from wcam.kernels import check_percentile, layer_maps
 from wcam.kernels.resample import INTERPOLATIONS
 
 logger = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ class Engine:
     ``layers`` defaults to every Conv2d (with the authors' presets for InceptionV3 and EfficientNet-B0).
     The engine holds no per-call state, so one Engine may serve many threads at once. The model is used
     in eval mode during each call and its flags are restored afterwards; its parameters are not touched.
+    ``device`` moves the model there (``model.to(device)``); by default the model's own device is used.
     """
 
     def __init__(
@@ -94,8 +95,7 @@ class Engine:
         layer, default the model's last Conv2d) or ``"layer_mean"`` (unweighted mean of all layer maps).
         ``layers`` overrides the engine's layer set for this call.
         """
-        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= float(p) <= 100.0):
-            raise ValueError(f"p must be a number in [0, 100], got {p!r}")
+        p = check_percentile(p)
         names = self.layers_for(method, layers)
         batch, sizes = self.preprocess(images, self.device, self.dtype)
         result = self._runner.run(batch, names, targets)

@@ -47,7 +47,7 @@ def combine(
     return weights, star, full
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Explanation:
     """Heatmaps for a batch, with everything that produced them.
 

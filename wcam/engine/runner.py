@@ -35,15 +35,14 @@ def resolve_targets(targets: object, logits: Tensor) -> Tensor:
     batch, classes = logits.shape
     if targets is None:
         return logits.argmax(dim=1)
-    if isinstance(targets, int) and not isinstance(targets, bool):
-        values = torch.full((batch,), targets, dtype=torch.long)
-    else:
-        values = torch.as_tensor(targets)
-        if values.dtype.is_floating_point or values.dtype == torch.bool or values.dim() > 1:
-            raise TargetError(f"targets must be an int or one int per image, got {values.dtype} {tuple(values.shape)}")
-        values = values.reshape(-1).long()
-        if values.numel() != batch:
-            raise TargetError(f"got {values.numel()} targets for a batch of {batch} images")
+    values = torch.as_tensor(targets, device="cpu")
+    if values.dim() > 1:
+        raise TargetError(f"targets must be an int or one int per image, got shape {tuple(values.shape)}")
+    if values.numel() != batch and values.dim() == 1:
+        raise TargetError(f"got {values.numel()} targets for a batch of {batch} images")
+    if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+        raise TargetError(f"targets must be integers (class indices), got {values.dtype}")
+    values = values.long().expand(batch) if values.dim() == 0 else values.long()
     bad = (values < 0) | (values >= classes)
     if bool(bad.any()):
         raise TargetError(

@@ -12,6 +12,6 @@ Three steps, each a function that a fused GPU kernel can later replace behind th
 
 from wcam.kernels.layer_maps import LayerMaps, layer_maps
 from wcam.kernels.resample import normalize_maps, resample, weighted_sum
-from wcam.kernels.winsor import winsor_weights
+from wcam.kernels.winsor import check_percentile, winsor_weights
 
-__all__ = ["LayerMaps", "layer_maps", "normalize_maps", "resample", "weighted_sum", "winsor_weights"]
+__all__ = ["LayerMaps", "check_percentile", "layer_maps", "normalize_maps", "resample", "weighted_sum", "winsor_weights"]

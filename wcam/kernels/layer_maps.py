@@ -11,7 +11,7 @@ from torch import Tensor
 from wcam.kernels.resample import normalize_maps
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerMaps:
     """Normalised layer maps grouped by spatial size, plus the layer scores.
 
@@ -26,15 +26,6 @@ class LayerMaps:
     @property
     def num_layers(self) -> int:
         return self.scores.shape[1]
-
-    @property
-    def sizes(self) -> list[tuple[int, int]]:
-        """Spatial size of each layer, in layer order."""
-        out: list[tuple[int, int]] = [(0, 0)] * self.num_layers
-        for size, (indices, _) in self.groups.items():
-            for i in indices:
-                out[i] = size
-        return out
 
 
 def layer_maps(activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> LayerMaps:

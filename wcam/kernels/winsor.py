@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
+
+
+def check_percentile(p: object) -> float:
+    """``p`` as a float if it is a real number in [0, 100] (bools refused), else a ValueError naming it."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= float(p) <= 100.0):
+        raise ValueError(f"p must be a number in [0, 100], got {p!r}")
+    return float(p)
 
 
 def winsor_weights(scores: Tensor, p: float, mask: Tensor | None = None) -> Tensor:
@@ -17,8 +25,7 @@ def winsor_weights(scores: Tensor, p: float, mask: Tensor | None = None) -> Tens
     (``t_l = 1`` when p == 0), ``w_l = 0.1 + 0.9 (t_l - min t) / (max t - min t)`` or 1 when all t are equal.
     Computed in float64 (it is ``B x L`` numbers) and returned in the scores' dtype.
     """
-    if not (isinstance(p, (int, float)) and math.isfinite(p) and 0.0 <= p <= 100.0):
-        raise ValueError(f"p must be a number in [0, 100], got {p!r}")
+    p = check_percentile(p)
     s = scores.double()
     positive = s > 0
     if mask is not None:
