@@ -1,7 +1,8 @@
 """Engine vs floor, interleaved in one run: ``python bench/engine_vs_floor.py [--repeats N]``.
 
-Each round times the floor, then the engine, then ``with_p``, on the same model and batch, so that machine
-noise hits them alike; the ratio is the median of the per-round ratios. Prints a markdown table.
+Each round times the floor and the engine (alternating which goes first) and ``with_p``, on the same model
+and batch, so that machine noise hits them alike; the ratio is the median of the per-round ratios. Prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ def main() -> None:
             floor, full, reweight = floor_fn(engine, images), engine_fn(engine, images), with_p_fn(engine, images)
             for _ in range(args.warmup):
                 floor(), full(), reweight()
-            rows = [(_time(floor), _time(full), _time(reweight)) for _ in range(args.repeats)]
+            rows = []
+            for round_ in range(args.repeats):
+                if round_ % 2:
+                    e, f = _time(full), _time(floor)
+                else:
+                    f, e = _time(floor), _time(full)
+                rows.append((f, e, _time(reweight)))
             ratios = [e / f for f, e, _ in rows]
             f_ms = statistics.median(r[0] for r in rows) * 1e3 / batch
             e_ms = statistics.median(r[1] for r in rows) * 1e3 / batch
