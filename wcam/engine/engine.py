@@ -13,7 +13,7 @@ from wcam.engine.layers import conv_layers, preset_layers, resolve_layers
 from wcam.engine.models import load_model
 from wcam.engine.preprocess import Preprocess
 from wcam.engine.runner import EagerRunner
-from wcam.kernels import check_percentile, layer_maps
+from wcam.kernels import check_percentile, group_maps
 from wcam.kernels.resample import INTERPOLATIONS
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class Engine:
         names = self.layers_for(method, layers)
         batch, sizes = self.preprocess(images, self.device, self.dtype)
         result = self._runner.run(batch, names, targets)
-        maps = layer_maps(result.activations, result.gradients)
+        maps = group_maps(result.cams, result.scores)
         broken = ~torch.isfinite(maps.scores)
         if bool(broken.any()):
             image, layer = (int(i) for i in broken.nonzero()[0])

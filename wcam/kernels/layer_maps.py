@@ -28,30 +28,40 @@ class LayerMaps:
         return self.scores.shape[1]
 
 
-def layer_maps(activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> LayerMaps:
-    """Grad-CAM map and score of every layer, for every image of the batch.
+def channel_cam(activation: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor]:
+    """One layer's raw Grad-CAM sum and raw score, for every image: ``(B x h x w, B)``.
 
-    For layer l with activation A and gradient G (``B x C x h x w``):
-    ``alpha[b, k] = mean_uv G[b, k]``, ``M[b] = ReLU(sum_k alpha[b, k] A[b, k])`` then min-max normalised
-    per image (a constant map becomes zeros), and ``score[b] = max(mean_k alpha[b, k], 0)``.
-    The channel contraction runs once per layer (a batched matrix-vector product over the tensors where
-    they already live); everything after it runs once per distinct spatial size.
+    ``alpha[b, k] = mean_uv G[b, k]``, ``cam[b] = sum_k alpha[b, k] A[b, k]`` (before the ReLU) and
+    ``score[b] = mean_k alpha[b, k]`` (before the clamp at 0). fp16/bf16 inputs accumulate in fp32.
     """
-    if len(activations) != len(gradients) or not activations:
-        raise ValueError(f"need one gradient per activation, got {len(activations)} and {len(gradients)}")
+    batch, channels, h, w = activation.shape
+    dtype = torch.promote_types(activation.dtype, torch.float32)
+    alpha = gradient.to(dtype).mean(dim=(2, 3))  # B x C
+    cam = torch.bmm(alpha.unsqueeze(1), activation.to(dtype).reshape(batch, channels, h * w))
+    return cam.view(batch, h, w), alpha.mean(dim=1)
+
+
+def group_maps(cams: Sequence[Tensor], scores: Sequence[Tensor]) -> LayerMaps:
+    """ReLU and per-image min-max normalisation of each layer's map (a constant map becomes zeros), run
+    once per distinct spatial size; scores clamped at 0."""
+    if len(cams) != len(scores) or not cams:
+        raise ValueError(f"need one score per map, got {len(cams)} maps and {len(scores)} scores")
     raw: dict[tuple[int, int], tuple[list[int], list[Tensor]]] = {}
-    scores = []
-    for index, (act, grad) in enumerate(zip(activations, gradients)):
-        batch, channels, h, w = act.shape
-        dtype = torch.promote_types(act.dtype, torch.float32)  # fp16/bf16 accumulate in fp32
-        alpha = grad.to(dtype).mean(dim=(2, 3))  # B x C
-        cam = torch.bmm(alpha.unsqueeze(1), act.to(dtype).reshape(batch, channels, h * w))  # B x 1 x hw
-        indices, maps = raw.setdefault((h, w), ([], []))
+    for index, cam in enumerate(cams):
+        indices, maps = raw.setdefault(tuple(cam.shape[-2:]), ([], []))
         indices.append(index)
-        maps.append(cam.view(batch, h, w))
-        scores.append(alpha.mean(dim=1))
+        maps.append(cam)
     groups = {
         size: (indices, normalize_maps(torch.stack(maps, dim=1).relu_()))
         for size, (indices, maps) in raw.items()
     }
-    return LayerMaps(groups=groups, scores=torch.stack(scores, dim=1).clamp_(min=0))
+    return LayerMaps(groups=groups, scores=torch.stack(list(scores), dim=1).clamp_(min=0))
+
+
+def layer_maps(activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> LayerMaps:
+    """Grad-CAM map and score of every layer for every image: :func:`channel_cam` per layer (a batched
+    matrix-vector product over the tensors where they already live), then :func:`group_maps`."""
+    if len(activations) != len(gradients) or not activations:
+        raise ValueError(f"need one gradient per activation, got {len(activations)} and {len(gradients)}")
+    cams, scores = zip(*(channel_cam(a, g) for a, g in zip(activations, gradients)))
+    return group_maps(cams, scores)
