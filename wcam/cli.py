@@ -44,24 +44,19 @@ class _Parser(argparse.ArgumentParser):
 # ------------------------------------------------------------------ argument types
 
 
-def _percentile(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"p must be a number in [0, 100], got {text!r}") from None
-    if not 0.0 <= value <= 100.0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"p must be a number in [0, 100], got {text}")
-    return value
+def _number_in(what: str, low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a float in [low, high] (NaN refused), with a message naming ``what``."""
 
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be a number in [{low:g}, {high:g}], got {text!r}")
+        return value
 
-def _alpha(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1], got {text}")
-    return value
+    return parse
 
 
 def _positive_int(text: str) -> int:
@@ -112,7 +107,7 @@ def _add_explain(commands: argparse._SubParsersAction, parents: list[argparse.Ar
         metavar="W",
         help="DEFAULT, a torchvision weights name, a state-dict file, or 'none' for random init (default: %(default)s)",
     )
-    sub.add_argument("--p", type=_percentile, default=90.0, help="Winsor percentile in [0, 100] (default: %(default)s)")
+    sub.add_argument("--p", type=_number_in("p", 0.0, 100.0), default=90.0, help="Winsor percentile in [0, 100] (default: %(default)s)")
     sub.add_argument("--method", choices=METHODS, default="winsor", help="(default: %(default)s)")
     sub.add_argument(
         "--layers",
@@ -123,7 +118,7 @@ def _add_explain(commands: argparse._SubParsersAction, parents: list[argparse.Ar
     )
     sub.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear", help="(default: %(default)s)")
     sub.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per forward pass (default: %(default)s)")
-    sub.add_argument("--alpha", type=_alpha, default=0.5, help="heatmap opacity in [0, 1] (default: %(default)s)")
+    sub.add_argument("--alpha", type=_number_in("alpha", 0.0, 1.0), default=0.5, help="heatmap opacity in [0, 1] (default: %(default)s)")
     sub.add_argument("--out", default="wcam-out", metavar="DIR", help="output folder (default: %(default)s)")
     sub.add_argument("--npy", action="store_true", help="also write OUT/<stem>_wcam.npy (float32 heatmap, original size)")
     sub.add_argument("--demo", action="store_true", help="also explain packaged photos (skimage chelsea and coffee)")

@@ -72,7 +72,7 @@ def _check_float_batch(images: Tensor) -> Tensor:
         raise ImageError(f"empty image batch of shape {tuple(images.shape)}")
     # one reduction instead of an elementwise mask: NaN/Inf anywhere makes the sum non-finite (a finite sum
     # overflows only past 3e38, which normalised images never reach)
-    if not bool(torch.isfinite(images.sum(dtype=torch.float64))):
+    if not bool(torch.isfinite(images.sum())):
         raise ImageError("the images contain NaN or Inf values")
     return images
 
