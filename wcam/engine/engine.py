@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -12,11 +13,23 @@ from wcam.engine.explanation import METHODS, Explanation
 from wcam.engine.layers import conv_layers, preset_layers, resolve_layers
 from wcam.engine.models import load_model
 from wcam.engine.preprocess import Preprocess
-from wcam.engine.runner import EagerRunner
+from wcam.engine.compiled_runner import CompiledRunner
+from wcam.engine.onnx_runner import OnnxRunner
+from wcam.engine.runner import BackboneResult, EagerRunner
+from wcam.export.cache import cached_features_graph
 from wcam.kernels import check_percentile, group_maps
 from wcam.kernels.resample import INTERPOLATIONS
 
 logger = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """Runs the network: one forward and the per-layer CAM sums and scores for the given layers."""
+
+    def run(self, images: torch.Tensor, layers: Sequence[str], targets: object = None) -> BackboneResult: ...
+
+
+BACKENDS = ("eager", "compiled", "onnxruntime")
 
 
 class Engine:
@@ -26,6 +39,11 @@ class Engine:
     The engine holds no per-call state, so one Engine may serve many threads at once. The model is used
     in eval mode during each call and its flags are restored afterwards; its parameters are not touched.
     ``device`` moves the model there (``model.to(device)``); by default the model's own device is used.
+
+    ``backend`` runs the network: ``"eager"`` torch; ``"compiled"``, the joint forward + activation-gradient
+    graph compiled by ``torch.compile`` (once per layer set, input size and dtype, on first use);
+    ``"onnxruntime"``, that graph exported to ONNX (cached in ``cache_dir``, so a second start does not
+    export again) and run by ONNX Runtime. The graph backends snapshot the model's weights.
     """
 
     def __init__(
@@ -36,11 +54,15 @@ class Engine:
         interpolation: str = "bilinear",
         preprocess: Preprocess | None = None,
         categories: list[str] | None = None,
+        backend: str = "eager",
+        cache_dir: str | Path | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if device is not None:
             model.to(device)
         first = next(model.parameters(), None)
@@ -55,7 +77,34 @@ class Engine:
         self.interpolation = interpolation
         self.preprocess = preprocess or Preprocess()
         self.categories = categories
-        self._runner = EagerRunner(model)
+        self.backend = backend
+        if backend == "eager":
+            self._runner: Runner = EagerRunner(model)
+        elif backend == "compiled":
+            self._runner = CompiledRunner(model)
+        else:
+            self._runner = OnnxRunner(cached_features_graph(self, cache_dir))
+
+    @classmethod
+    def from_onnx(
+        cls, path: str | Path, device: torch.device | str = "cpu", providers: Sequence[str] | None = None
+    ) -> "Engine":
+        """An engine on an exported ``features`` graph alone (no torch model): layers, input size,
+        normalisation, interpolation and class names come from the file's metadata."""
+        runner = OnnxRunner(path, providers)
+        info = runner.info
+        engine = cls.__new__(cls)
+        engine.model = None
+        engine.device = torch.device(device)
+        engine.dtype = runner.dtype
+        engine.layers = list(info.layers)
+        engine.gradcam_layer = info.gradcam_layer
+        engine.interpolation = info.interpolation
+        engine.preprocess = Preprocess(size=tuple(info.input_size), mean=tuple(info.mean), std=tuple(info.std))
+        engine.categories = info.categories
+        engine.backend = "onnxruntime"
+        engine._runner = runner
+        return engine
 
     @classmethod
     def from_name(cls, name: str, weights: str | None = "DEFAULT", **kwargs: Any) -> "Engine":
@@ -77,6 +126,8 @@ class Engine:
             layers = [layers]
         if method == "gradcam" and len(layers) != 1:
             raise ValueError(f"gradcam explains exactly one layer, got {len(layers)}")
+        if self.model is None:  # an ONNX graph: the layers it exposes
+            return resolve_layers(dict.fromkeys([*self.layers, self.gradcam_layer]), layers)
         return resolve_layers(self.model, layers)
 
     def explain(

@@ -48,15 +48,20 @@ def preset_layers(model: nn.Module) -> list[str]:
     return names
 
 
-def resolve_layers(model: nn.Module, names: Iterable[str]) -> list[str]:
-    """Check that every name is a module of ``model``; an unknown one raises with the closest names."""
-    known = dict(model.named_modules())
+def resolve_layers(model: nn.Module | Sequence[str], names: Iterable[str]) -> list[str]:
+    """Check that every name is a module of ``model`` (or one of a list of names); an unknown one raises
+    with the closest names."""
+    if isinstance(model, nn.Module):
+        known, owner = [n for n, _ in model.named_modules() if n], type(model).__name__
+    else:
+        known, owner = list(model), "the exported graph"
+    present = set(known)
     resolved = []
     for name in names:
-        if not isinstance(name, str) or name not in known or name == "":
-            suggestions = difflib.get_close_matches(str(name), [n for n in known if n], n=5, cutoff=0.5)
+        if not isinstance(name, str) or name not in present:
+            suggestions = difflib.get_close_matches(str(name), known, n=5, cutoff=0.5)
             hint = f"; closest: {', '.join(suggestions)}" if suggestions else ""
-            raise UnknownLayerError(f"unknown layer {name!r} in {type(model).__name__}{hint}")
+            raise UnknownLayerError(f"unknown layer {name!r} in {owner}{hint}")
         resolved.append(name)
     if len(set(resolved)) != len(resolved):
         raise ValueError("layer names must be unique")

@@ -32,11 +32,11 @@ class TargetError(ValueError):
     """Targets that do not fit the batch or the model's classes."""
 
 
-def resolve_targets(targets: object, logits: Tensor) -> Tensor:
-    """Per-image target classes: the argmax of ``logits`` when None, else validated against ``B x K``."""
-    batch, classes = logits.shape
+def check_targets(targets: object, batch: int, classes: int) -> Tensor | None:
+    """Per-image target classes (int64, CPU) validated against ``batch`` and ``classes``; None stays None
+    (the argmax of the same forward pass)."""
     if targets is None:
-        return logits.argmax(dim=1)
+        return None
     values = torch.as_tensor(targets, device="cpu")
     if values.dim() > 1:
         raise TargetError(f"targets must be an int or one int per image, got shape {tuple(values.shape)}")
@@ -50,7 +50,7 @@ def resolve_targets(targets: object, logits: Tensor) -> Tensor:
         raise TargetError(
             f"target {int(values[bad][0])} out of range: the model has {classes} classes (0..{classes - 1})"
         )
-    return values.to(logits.device)
+    return values
 
 
 class EvalGuard:
@@ -129,7 +129,8 @@ class EagerRunner:
                 )
             if not bool(torch.isfinite(logits).all()):
                 raise FloatingPointError("the model produced NaN or Inf logits for these images")
-            chosen = resolve_targets(targets, logits.detach())
+            chosen = check_targets(targets, *logits.shape)
+            chosen = logits.detach().argmax(dim=1) if chosen is None else chosen.to(logits.device)
             activations = capture.collect()
             overwritten = capture.overwritten()
             if overwritten:

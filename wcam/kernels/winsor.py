@@ -16,30 +16,32 @@ def check_percentile(p: object) -> float:
     return float(p)
 
 
-def winsor_weights(scores: Tensor, p: float, mask: Tensor | None = None) -> Tensor:
+def winsor_weights(scores: Tensor, p: float | Tensor, mask: Tensor | None = None) -> Tensor:
     """Layer weights in [0.1, 1] (0 for layers with no positive score) from scores clamped at a percentile.
 
     ``scores`` is ``B x L`` (already >= 0); ``mask`` (``L`` bools) restricts the computation to a subset of
     layers, the others get weight 0. Per image, with P the masked layers whose score is > 0:
-    ``tau = quantile({s_l : l in P}, p / 100)`` (linear interpolation, as numpy/torch), ``t_l = min(s_l, tau)``
-    (``t_l = 1`` when p == 0), ``w_l = 0.1 + 0.9 (t_l - min t) / (max t - min t)`` or 1 when all t are equal.
+    ``tau = quantile({s_l : l in P}, p / 100)`` (linear interpolation, as numpy/torch), ``t_l = min(s_l, tau)``,
+    ``w_l = 0.1 + 0.9 (t_l - min t) / (max t - min t)``, or 1 when all t are equal. The spec's rule for
+    p == 0 (``t_l = 1``) needs no branch: tau is then the smallest positive score, every t_l equals it, and
+    all weights are 1. Branch-free, so ``p`` may be a 0-d tensor (a graph input; clamped to [0, 100]).
     Computed in float64 (it is ``B x L`` numbers) and returned in the scores' dtype.
     """
-    p = check_percentile(p)
+    if isinstance(p, Tensor):
+        q = p.to(device=scores.device, dtype=torch.float64).clamp(0.0, 100.0) / 100.0
+    else:
+        q = check_percentile(p) / 100.0
     s = scores.double()
     positive = s > 0
     if mask is not None:
         positive &= mask.to(device=s.device, dtype=torch.bool).unsqueeze(0)
-    if p == 0:
-        t = positive.double()
-    else:
-        count = positive.sum(dim=1, keepdim=True)
-        ordered = torch.where(positive, s, math.inf).sort(dim=1).values  # positives first, ascending
-        rank = (p / 100.0) * (count - 1).clamp(min=0).double()
-        below = rank.floor().long()
-        above = rank.ceil().long()
-        tau = torch.lerp(ordered.gather(1, below), ordered.gather(1, above), rank - below.double())
-        t = torch.where(positive, torch.minimum(s, tau), 0.0)
+    count = positive.sum(dim=1, keepdim=True)
+    ordered = torch.where(positive, s, math.inf).sort(dim=1).values  # positives first, ascending
+    rank = q * (count - 1).clamp(min=0).double()
+    below = rank.floor().long()
+    above = rank.ceil().long()
+    tau = torch.lerp(ordered.gather(1, below), ordered.gather(1, above), rank - below.double())
+    t = torch.where(positive, torch.minimum(s, tau), 0.0)
     t_min = torch.where(positive, t, math.inf).amin(dim=1, keepdim=True)
     t_max = torch.where(positive, t, -math.inf).amax(dim=1, keepdim=True)
     spread = t_max - t_min

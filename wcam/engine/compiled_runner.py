@@ -1,0 +1,69 @@
+"""Backbone runner on ``torch.compile``: the joint forward + activation-gradient graph (the one ONNX export
+traces) with the per-layer CAM contraction inside it, compiled once per layer set, input size and dtype."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from wcam.engine.runner import BackboneResult, check_targets
+from wcam.export.joint import trace_joint
+
+logger = logging.getLogger(__name__)
+
+
+class CompiledRunner:
+    """Compiles lazily on the first call for each (layers, H x W, dtype, device) and reuses the result.
+
+    Inductor generates C++ on CPU and Triton kernels on GPU; the batch axis is dynamic where Inductor allows
+    it. ``compile_seconds`` records what each compilation cost (tracing included; Inductor's own work runs
+    on the first call, which is included). The graph is traced in eval mode and holds the parameters as they
+    are: build a new engine after changing the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._lock = threading.Lock()
+        self._compiled: dict[tuple, tuple[Callable[..., tuple[Tensor, ...]], int]] = {}
+        self.compile_seconds: dict[tuple, float] = {}
+
+    def _get(self, layers: Sequence[str], images: Tensor) -> tuple[Callable[..., tuple[Tensor, ...]], int, tuple, bool]:
+        key = (tuple(layers), tuple(images.shape[-2:]), images.dtype, images.device)
+        with self._lock:
+            if key in self._compiled:
+                return (*self._compiled[key], key, False)
+            started = time.perf_counter()
+            graph = trace_joint(self.model, layers, tuple(images.shape[-2:]), images.dtype, cams=True)
+            classes = _logit_classes(graph)
+            compiled = torch.compile(graph, dynamic=True)
+            self._compiled[key] = (compiled, classes)
+            self.compile_seconds[key] = time.perf_counter() - started
+            return compiled, classes, key, True
+
+    def run(self, images: Tensor, layers: Sequence[str], targets: object = None) -> BackboneResult:
+        compiled, classes, key, fresh = self._get(layers, images)
+        chosen = check_targets(targets, images.shape[0], classes)
+        chosen = torch.full((images.shape[0],), -1, dtype=torch.long) if chosen is None else chosen
+        started = time.perf_counter()
+        outputs = compiled(images, chosen.to(images.device))
+        if fresh:
+            self.compile_seconds[key] += time.perf_counter() - started
+            logger.info("compiled %d layers at %s in %.1f s", len(layers), key[1], self.compile_seconds[key])
+        logits, used = outputs[0], outputs[1]
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("the model produced NaN or Inf logits for these images")
+        count = len(layers)
+        return BackboneResult(
+            logits=logits, targets=used, cams=list(outputs[2 : 2 + count]), scores=list(outputs[2 + count :])
+        )
+
+
+def _logit_classes(graph: torch.fx.GraphModule) -> int:
+    """The number of classes, read off the traced graph's first output."""
+    output = next(node for node in graph.graph.nodes if node.op == "output")
+    return int(output.args[0][0].meta["val"].shape[1])

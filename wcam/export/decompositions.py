@@ -1,0 +1,102 @@
+"""Decompositions that let a joint forward + activation-gradient graph be expressed in ONNX.
+
+The ONNX exporter has no translation for ``aten.convolution_backward`` and the pooling backwards. Only
+input-side gradients are ever needed (never parameter gradients), and those are ordinary ops:
+the input gradient of a convolution is a transposed convolution with the same weight, and the input gradient
+of average pooling is a grouped transposed convolution with a constant kernel. torch's own decompositions
+cover the activation, normalisation and max-pool backwards.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch._decomp import get_decompositions
+
+aten = torch.ops.aten
+
+
+class UnsupportedOpError(RuntimeError):
+    """An op of the model that the exported graph cannot express."""
+
+
+def _output_padding(
+    grad_size: Sequence[int], input_size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+    padding: Sequence[int], dilation: Sequence[int],
+) -> list[int]:
+    """Extra rows/cols a transposed convolution needs to give back the forward input's size."""
+    return [
+        input_size[d] - ((grad_size[d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (kernel[d] - 1) + 1)
+        for d in range(2)
+    ]
+
+
+def _convolution_backward(
+    grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, output_mask
+):
+    if transposed or output_mask[1] or output_mask[2] or weight.dim() != 4:
+        raise UnsupportedOpError(
+            "only input gradients of 2-D, non-transposed convolutions can be exported "
+            f"(transposed={transposed}, weight gradient requested={bool(output_mask[1])})"
+        )
+    grad_input = None
+    if output_mask[0]:
+        extra = _output_padding(grad_output.shape[2:], input.shape[2:], weight.shape[2:], stride, padding, dilation)
+        grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, extra, groups)
+    return grad_input, None, None
+
+
+def _pool_backward(grad_output, input, kernel, stride, padding, scale):
+    """Gradient of a window average: spread ``grad_output * scale`` over each window (a grouped transposed
+    convolution with a ones kernel)."""
+    channels = input.shape[1]
+    ones = torch.ones(channels, 1, *kernel, dtype=grad_output.dtype, device=grad_output.device)
+    extra = _output_padding(grad_output.shape[2:], input.shape[2:], kernel, stride, padding, [1, 1])
+    return aten.convolution(grad_output * scale, ones, None, stride, padding, [1, 1], True, extra, channels)
+
+
+def _avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    kernel = list(kernel_size) * (2 // len(kernel_size))
+    stride = list(stride or kernel) * (2 // len(stride or kernel))
+    padding = list(padding) * (2 // len(padding))
+    if divisor_override:
+        scale = 1.0 / divisor_override
+    elif count_include_pad and not ceil_mode:
+        scale = 1.0 / (kernel[0] * kernel[1])
+    elif not count_include_pad:  # divide by the number of real (non-padding) elements of each window
+        ones = torch.ones_like(input[:1, :1])
+        count = aten.avg_pool2d(ones, kernel, stride, padding, ceil_mode, False, 1)
+        scale = 1.0 / count
+    else:
+        raise UnsupportedOpError("avg_pool2d with ceil_mode=True and count_include_pad=True cannot be exported")
+    return _pool_backward(grad_output, input, kernel, stride, padding, scale)
+
+
+def _adaptive_avg_pool2d_backward(grad_output, input):
+    (h, w), (oh, ow) = input.shape[-2:], grad_output.shape[-2:]
+    if oh == 1 and ow == 1:
+        return (grad_output / (h * w)).expand_as(input)
+    if h % oh or w % ow:
+        raise UnsupportedOpError(
+            f"adaptive_avg_pool2d from {h}x{w} to {oh}x{ow} (uneven windows) cannot be exported"
+        )
+    kernel = [h // oh, w // ow]
+    return _pool_backward(grad_output, input, kernel, kernel, [0, 0], 1.0 / (kernel[0] * kernel[1]))
+
+
+_TORCH_DECOMPOSED = [
+    "threshold_backward", "native_batch_norm_backward", "max_pool2d_with_indices_backward", "hardtanh_backward",
+    "hardswish_backward", "hardsigmoid_backward", "silu_backward", "sigmoid_backward", "gelu_backward",
+    "native_layer_norm_backward", "native_group_norm_backward", "leaky_relu_backward", "tanh_backward",
+    "elu_backward", "mish_backward", "softplus_backward", "_softmax_backward_data", "native_dropout_backward",
+]
+
+
+def decompositions() -> dict[Callable, Callable]:
+    """The table for ``make_fx``: torch's own backward decompositions plus the three above."""
+    table = get_decompositions([getattr(aten, name) for name in _TORCH_DECOMPOSED])
+    table[aten.convolution_backward.default] = _convolution_backward
+    table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_backward
+    return table
