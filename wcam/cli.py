@@ -1,16 +1,22 @@
-"""The ``wcam`` command line: ``wcam explain IMAGE...`` writes heatmap overlays (more subcommands later).
+"""The ``wcam`` command line: ``wcam explain IMAGE...`` writes heatmap overlays (with a torch model, or an
+exported ONNX graph via ``--onnx``); ``wcam export MODEL -o FILE.onnx`` writes such a graph.
 
-Exit codes: 0 success, 1 runtime error (missing or unreadable file, I/O, model failure), 2 usage error
-(bad option, unknown model or layer, bad p). Every error is one ``wcam: error: ...`` line on stderr.
+Exit codes: 0 success, 1 runtime error (missing or unreadable file, I/O, model or export failure), 2 usage
+error (bad option, unknown model, layer or weights, bad p or size). Every error is one ``wcam: error: ...``
+line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
 import sys
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -23,6 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wcam.cli")
 
 PROG = "wcam"
+DEFAULT_MODEL = "efficientnet_lite0"
 DEMO_PHOTOS = ("chelsea", "coffee")  # skimage.data photos shipped inside scikit-image's wheel
 
 
@@ -69,6 +76,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _size(text: str) -> tuple[int, int]:
+    """An argparse type: ``HxW`` (e.g. 224x224) or ``N`` for N x N, both positive."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX*,]\s*(\d+)\s*)?", text)
+    if match is None or int(match[1]) < 1 or int(match[2] or match[1]) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size HxW of positive integers such as 224x224, got {text!r}")
+    return int(match[1]), int(match[2] or match[1])
+
+
+def _split_layers(items: Sequence[str] | None) -> list[str] | None:
+    """``--layers`` values, commas also separating names; None when not given."""
+    return [name for item in items or [] for name in item.split(",") if name] or None
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -83,10 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_explain(commands, [common])
+    _add_export(commands, [common])
     return parser
 
 
 def _add_explain(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    from wcam.engine.engine import BACKENDS
     from wcam.engine.explanation import METHODS
     from wcam.engine.models import MODELS
     from wcam.kernels.resample import INTERPOLATIONS
@@ -100,12 +122,33 @@ def _add_explain(commands: argparse._SubParsersAction, parents: list[argparse.Ar
         epilog="IMAGE paths after --layers are taken as layer names; put them first or after '--'.",
     )
     sub.add_argument("images", nargs="*", metavar="IMAGE", help="image files (any format Pillow reads)")
-    sub.add_argument("--model", default="efficientnet_lite0", metavar="NAME", help=f"one of: {', '.join(MODELS)} (default: %(default)s)")
+    # --model, --weights, --size, --backend and --cache-dir default to None so that giving one together with
+    # --onnx (which fixes all of them) can be refused; the real defaults are filled in by cmd_explain
+    sub.add_argument("--model", metavar="NAME", help=f"one of: {', '.join(MODELS)} (default: {DEFAULT_MODEL})")
     sub.add_argument(
         "--weights",
-        default="DEFAULT",
         metavar="W",
-        help="DEFAULT, a torchvision weights name, a state-dict file, or 'none' for random init (default: %(default)s)",
+        help="DEFAULT, a torchvision weights name, a state-dict file, or 'none' for random init (default: DEFAULT)",
+    )
+    sub.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="explain with a graph written by 'wcam export' (run by ONNX Runtime) instead of --model/--weights; "
+        "its layers, input size and class names come from the file",
+    )
+    sub.add_argument(
+        "--size", type=_size, metavar="HxW", help="network input size, e.g. 320x320 (default: the model's, e.g. 224x224)"
+    )
+    sub.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="eager torch; compiled (torch.compile of the joint graph); onnxruntime (the graph exported once to "
+        "--cache-dir, then run by ONNX Runtime) (default: eager)",
+    )
+    sub.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where --backend onnxruntime keeps exported graphs (default: $WCAM_CACHE or ~/.cache/wcam)",
     )
     sub.add_argument("--p", type=_number_in("p", 0.0, 100.0), default=90.0, help="Winsor percentile in [0, 100] (default: %(default)s)")
     sub.add_argument("--method", choices=METHODS, default="winsor", help="(default: %(default)s)")
@@ -116,7 +159,9 @@ def _add_explain(commands: argparse._SubParsersAction, parents: list[argparse.Ar
         metavar="NAME",
         help="layer names to explain (default: the model's preset; for gradcam its last Conv2d); commas also separate",
     )
-    sub.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear", help="(default: %(default)s)")
+    sub.add_argument(
+        "--interpolation", choices=INTERPOLATIONS, help="heatmap upsampling (default: bilinear; with --onnx the file's)"
+    )
     sub.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per forward pass (default: %(default)s)")
     sub.add_argument("--alpha", type=_number_in("alpha", 0.0, 1.0), default=0.5, help="heatmap opacity in [0, 1] (default: %(default)s)")
     sub.add_argument("--out", default="wcam-out", metavar="DIR", help="output folder (default: %(default)s)")
@@ -124,6 +169,49 @@ def _add_explain(commands: argparse._SubParsersAction, parents: list[argparse.Ar
     sub.add_argument("--demo", action="store_true", help="also explain packaged photos (skimage chelsea and coffee)")
     sub.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
     sub.set_defaults(func=cmd_explain)
+
+
+def _add_export(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    from wcam.engine.models import MODELS
+    from wcam.export.onnx_graph import GRAPHS
+    from wcam.kernels.resample import INTERPOLATIONS
+
+    sub = commands.add_parser(
+        "export",
+        parents=parents,
+        help="export a model's graph to ONNX",
+        description="Write MODEL as an ONNX graph with its metadata (layers, input size, normalisation, class "
+        "names), so that the file alone serves explanations: 'features' (logits, activations, gradients; run it "
+        "with 'wcam explain --onnx FILE') or 'full' (Winsor-CAM heatmaps, p a run-time input; for any ONNX runtime).",
+    )
+    sub.add_argument("model", metavar="MODEL", help=f"one of: {', '.join(MODELS)}")
+    sub.add_argument("-o", "--output", required=True, metavar="FILE", help="the .onnx file to write")
+    sub.add_argument(
+        "--weights",
+        default="DEFAULT",
+        metavar="W",
+        help="DEFAULT, a torchvision weights name, a state-dict file, or 'none' for random init (default: %(default)s)",
+    )
+    sub.add_argument("--graph", choices=GRAPHS, default="features", help="(default: %(default)s)")
+    sub.add_argument(
+        "--layers",
+        nargs="+",
+        action="extend",
+        metavar="NAME",
+        help="layer names the graph exposes (default: the model's preset); commas also separate",
+    )
+    sub.add_argument(
+        "--size", type=_size, metavar="HxW", help="input size, e.g. 320x320 (default: the model's: 224x224, 299x299 for inception_v3)"
+    )
+    sub.add_argument(
+        "--interpolation",
+        choices=INTERPOLATIONS,
+        default="bilinear",
+        help="heatmap upsampling recorded in (full: built into) the graph (default: %(default)s)",
+    )
+    sub.add_argument("--opset", type=_positive_int, metavar="N", help="ONNX opset version (default: the exporter's)")
+    sub.add_argument("--optimize", action="store_true", help="run the exporter's graph optimiser (slow on large models)")
+    sub.set_defaults(func=cmd_export)
 
 
 # ------------------------------------------------------------------ inputs and outputs
@@ -232,26 +320,87 @@ def _batches(items: Sequence[_Input], size: int) -> Iterator[Sequence[_Input]]:
         yield items[start : start + size]
 
 
-# ------------------------------------------------------------------ explain
+# ------------------------------------------------------------------ engines
+
+
+# loggers and warnings of torch's ONNX exporter that talk on every export (e.g. onnx_ir's "Attribute type is
+# ambiguous", torch.export's dynamic-axis notes); shown with -v
+_EXPORTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo", "torch._export", "torch.fx")
+
+
+@contextlib.contextmanager
+def _quiet_exporter(verbosity: int) -> Iterator[None]:
+    """Silence the exporter's warnings and log chatter (unless ``-v``), so that stderr stays for errors."""
+    if verbosity > 0:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [log.level for log in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels):
+                log.setLevel(level)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _weights(text: str) -> str | None:
+    return None if text.lower() == "none" else text
 
 
 def _build_engine(args: argparse.Namespace) -> "Engine":
-    """The engine for ``--model/--weights/--device/--interpolation``, with load failures as one-line errors."""
-    import torch
+    """The engine for ``--model/--weights/--size/--backend/--device/--interpolation``, with load failures as
+    one-line errors."""
+    from wcam import Engine, Preprocess, UnknownWeightsError
 
-    from wcam import Engine, UnknownWeightsError
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    weights = None if args.weights.lower() == "none" else args.weights
-    logger.info("loading model %s (weights %s) on %s", args.model, weights, device)
+    device = _resolve_device(args.device)
+    weights = _weights(args.weights)
+    options: dict = {
+        "device": device, "interpolation": args.interpolation, "backend": args.backend, "cache_dir": args.cache_dir,
+    }
+    if args.size is not None:
+        options["preprocess"] = Preprocess(size=args.size)
+    logger.info("loading model %s (weights %s) on %s, backend %s", args.model, weights, device, args.backend)
     try:
-        return Engine.from_name(args.model, weights=weights, device=device, interpolation=args.interpolation)
+        with _quiet_exporter(args.verbose):  # the onnxruntime backend exports the graph on first use
+            return Engine.from_name(args.model, weights=weights, **options)
     except FileNotFoundError as exc:
         raise CliError(f"cannot load weights {weights!r} for {args.model}: {exc.strerror or _reason(exc)}") from exc
     except UnknownWeightsError as exc:
         raise CliError(str(exc), code=2) from exc
+
+
+def _onnx_engine(args: argparse.Namespace) -> "Engine":
+    """The engine on ``--onnx FILE`` (an exported features graph), with bad files as one-line errors naming it."""
+    from wcam import Engine
+    from wcam.export.onnx_graph import OnnxFormatError
+
+    path = args.onnx
+    if os.path.isdir(path):
+        raise CliError(f"is a directory, not an ONNX file: {path}")
+    device = _resolve_device(args.device)
+    logger.info("loading ONNX graph %s on %s", path, device)
+    try:
+        engine = Engine.from_onnx(path, device=device, interpolation=args.interpolation)
+    except FileNotFoundError:
+        raise CliError(f"no such ONNX file: {path}") from None
+    except OnnxFormatError as exc:  # corrupt, foreign, or a 'full' graph (the message says so and names the file)
+        raise CliError(_reason(exc)) from exc
+    return engine
+
+
+# ------------------------------------------------------------------ explain
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -260,7 +409,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from wcam.overlay import overlay
 
-    layers = [name for item in args.layers or [] for name in item.split(",") if name] or None
+    if args.onnx is not None:
+        clashing = [flag for flag, value in (("--model", args.model), ("--weights", args.weights), ("--size", args.size),
+                                             ("--cache-dir", args.cache_dir)) if value is not None]
+        if args.backend not in (None, "onnxruntime"):
+            clashing.append(f"--backend {args.backend}")
+        if clashing:
+            raise CliError(f"--onnx takes the model from the file; drop {', '.join(clashing)}", code=2)
+    else:
+        args.model = args.model or DEFAULT_MODEL
+        args.weights = args.weights or "DEFAULT"
+        args.backend = args.backend or "eager"
+        args.interpolation = args.interpolation or "bilinear"
+
+    layers = _split_layers(args.layers)
     inputs = _demo_inputs() if args.demo else []
     if not args.images and not inputs:
         raise CliError("no images given: pass IMAGE paths or --demo", code=2)
@@ -269,7 +431,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     inputs += [_Input(path, Path(path).stem, lambda path=path: _load_file(path)) for path in args.images]
     stems = _unique_stems([item.stem for item in inputs])
 
-    engine = _build_engine(args)
+    engine = _onnx_engine(args) if args.onnx is not None else _build_engine(args)
     device = engine.device
     count = len(engine.layers_for(args.method, layers))
 
@@ -279,7 +441,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"cannot create output folder {out_dir}: {exc.strerror or _reason(exc)}") from exc
     p_text = f" p={args.p:g}" if args.method == "winsor" else ""
-    print(f"wcam: method={args.method}{p_text} model={args.model} layers={count} device={device} images={len(inputs)}", flush=True)
+    source = f"onnx={args.onnx}" if args.onnx is not None else f"model={args.model}"
+    size = "x".join(map(str, engine.preprocess.size))
+    print(
+        f"wcam: method={args.method}{p_text} {source} backend={engine.backend} layers={count} size={size} "
+        f"device={device} images={len(inputs)}",
+        flush=True,
+    )
 
     categories = engine.categories or []
     progress = _Progress(len(inputs), enabled=len(inputs) > args.batch_size)
@@ -314,6 +482,72 @@ def cmd_explain(args: argparse.Namespace) -> int:
             progress.update(len(batch))
     finally:
         progress.close()
+    return 0
+
+
+# ------------------------------------------------------------------ export
+
+
+def _check_writable(target: Path) -> None:
+    """Fail fast, before the model loads: ``target`` is not a folder and its nearest existing ancestor is a
+    writable folder (the missing ones are created at write time)."""
+    if target.is_dir():
+        raise CliError(f"cannot write {target}: is a directory")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CliError(f"cannot write {target}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write {target}: permission denied on {ancestor}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``wcam export``: write MODEL's features or full graph to ONNX; print one summary line."""
+    from wcam import Engine, Preprocess, UnknownWeightsError
+    from wcam.export.decompositions import UnsupportedOpError
+    from wcam.export.onnx_graph import export_onnx
+
+    target = Path(args.output)
+    _check_writable(target)
+    weights = _weights(args.weights)
+    options: dict = {"interpolation": args.interpolation}
+    if args.size is not None:
+        options["preprocess"] = Preprocess(size=args.size)
+    logger.info("loading model %s (weights %s)", args.model, weights)
+    try:
+        engine = Engine.from_name(args.model, weights=weights, **options)
+    except FileNotFoundError as exc:
+        raise CliError(f"cannot load weights {weights!r} for {args.model}: {exc.strerror or _reason(exc)}") from exc
+    except UnknownWeightsError as exc:
+        raise CliError(str(exc), code=2) from exc
+
+    started = time.perf_counter()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # export into a scratch folder beside the target, then rename: a failed export leaves no half file
+        # (and a >2 GB model's external .data file is named after the final file)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".wcam-export-") as scratch:
+            with _quiet_exporter(args.verbose):
+                info = export_onnx(
+                    engine, Path(scratch) / target.name, layers=_split_layers(args.layers), graph=args.graph,
+                    opset=args.opset, optimize=args.optimize,
+                )
+            produced = sorted(Path(scratch).iterdir())
+            for file in produced:
+                os.replace(file, target.parent / file.name)
+    except UnsupportedOpError as exc:
+        raise CliError(f"cannot export {args.model} to ONNX: unsupported op: {_reason(exc)}") from exc
+    except OSError as exc:
+        raise CliError(f"cannot write {target}: {exc.strerror or _reason(exc)}") from exc
+    seconds = time.perf_counter() - started
+    megabytes = sum((target.parent / file.name).stat().st_size for file in produced) / 1e6
+    size = "x".join(map(str, info.input_size))
+    print(
+        f"wcam: exported {info.graph} graph of {args.model} ({len(info.layers)} layers, input {size}) "
+        f"to {target} ({megabytes:.1f} MB) in {seconds:.1f} s",
+        flush=True,
+    )
     return 0
 
 

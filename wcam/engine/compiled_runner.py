@@ -18,10 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 class CompiledRunner:
-    """Compiles lazily on the first call for each (layers, H x W, dtype, device) and reuses the result.
+    """Compiles lazily on the first call for each (layers, H x W, dtype, device, batch 1 or not) and reuses
+    the result.
 
-    Inductor generates C++ on CPU and Triton kernels on GPU; the batch axis is dynamic where Inductor allows
-    it. ``compile_seconds`` records what each compilation cost (tracing included; Inductor's own work runs
+    Inductor generates C++ on CPU and Triton kernels on GPU; the batch axis is dynamic for batches > 1, and
+    batch 1 (video, latency) has a graph of its own. ``compile_seconds`` records what each compilation cost (tracing included; Inductor's own work runs
     on the first call, which is included). The graph is traced in eval mode and holds the parameters as they
     are: build a new engine after changing the model.
     """
@@ -33,14 +34,16 @@ class CompiledRunner:
         self.compile_seconds: dict[tuple, float] = {}
 
     def _get(self, layers: Sequence[str], images: Tensor) -> tuple[Callable[..., tuple[Tensor, ...]], int, tuple, bool]:
-        key = (tuple(layers), tuple(images.shape[-2:]), images.dtype, images.device)
+        # batch 1 gets its own graph: Inductor specialises size-1 dims anyway, and a separate entry makes
+        # that compilation visible in compile_seconds instead of a silent recompile
+        key = (tuple(layers), tuple(images.shape[-2:]), images.dtype, images.device, images.shape[0] == 1)
         with self._lock:
             if key in self._compiled:
                 return (*self._compiled[key], key, False)
             started = time.perf_counter()
             graph = trace_joint(self.model, layers, tuple(images.shape[-2:]), images.dtype, cams=True)
             classes = _logit_classes(graph)
-            compiled = torch.compile(graph, dynamic=True)
+            compiled = torch.compile(graph, dynamic=images.shape[0] != 1)
             self._compiled[key] = (compiled, classes)
             self.compile_seconds[key] = time.perf_counter() - started
             return compiled, classes, key, True

@@ -87,10 +87,16 @@ class Engine:
 
     @classmethod
     def from_onnx(
-        cls, path: str | Path, device: torch.device | str = "cpu", providers: Sequence[str] | None = None
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        providers: Sequence[str] | None = None,
+        interpolation: str | None = None,
     ) -> "Engine":
         """An engine on an exported ``features`` graph alone (no torch model): layers, input size,
-        normalisation, interpolation and class names come from the file's metadata."""
+        normalisation, interpolation (unless given) and class names come from the file's metadata."""
+        if interpolation is not None and interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
         runner = OnnxRunner(path, providers)
         info = runner.info
         engine = cls.__new__(cls)
@@ -99,7 +105,7 @@ class Engine:
         engine.dtype = runner.dtype
         engine.layers = list(info.layers)
         engine.gradcam_layer = info.gradcam_layer
-        engine.interpolation = info.interpolation
+        engine.interpolation = interpolation or info.interpolation
         engine.preprocess = Preprocess(size=tuple(info.input_size), mean=tuple(info.mean), std=tuple(info.std))
         engine.categories = info.categories
         engine.backend = "onnxruntime"

@@ -51,7 +51,7 @@ def _torchvision(name: str, size: int) -> Callable[[str | None], NamedModel]:
             try:
                 tv_weights = enum.verify(tv_weights)
             except (KeyError, ValueError):
-                known = ", ".join(["DEFAULT", *enum.__members__])
+                known = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))
                 raise UnknownWeightsError(
                     f"unknown weights {weights!r} for {name}: not a file, and not one of {known}"
                 ) from None

@@ -52,7 +52,7 @@ class OnnxRunner:
             raise ValueError(
                 f"this graph takes images of shape B x {' x '.join(map(str, expected))}, got {tuple(images.shape)}"
             )
-        missing = [name for name in layers if name not in self.info.layers]
+        missing = [name for name in layers if name not in self.info.layers and name != self.info.gradcam_layer]
         if missing:
             raise ValueError(f"layers not in the exported graph: {', '.join(missing)}")
         chosen = check_targets(targets, images.shape[0], self.info.num_classes)

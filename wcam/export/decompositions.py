@@ -73,16 +73,24 @@ def _avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_
     return _pool_backward(grad_output, input, kernel, stride, padding, scale)
 
 
+def _window_matrix(size, out_size, like):
+    """``out_size x size`` 0/1 matrix: row i marks the input span [floor(i*size/out), ceil((i+1)*size/out))
+    that adaptive pooling averages for output i (built from ops, so ``size`` may be symbolic)."""
+    rows = torch.arange(out_size, device=like.device).unsqueeze(1)
+    cols = torch.arange(size, device=like.device).unsqueeze(0)
+    start = (rows * size) // out_size
+    end = ((rows + 1) * size + out_size - 1) // out_size
+    return ((cols >= start) & (cols < end)).to(like.dtype)
+
+
 def _adaptive_avg_pool2d_backward(grad_output, input):
     (h, w), (oh, ow) = input.shape[-2:], grad_output.shape[-2:]
     if oh == 1 and ow == 1:
         return (grad_output / (h * w)).expand_as(input)
-    if h % oh or w % ow:
-        raise UnsupportedOpError(
-            f"adaptive_avg_pool2d from {h}x{w} to {oh}x{ow} (uneven windows) cannot be exported"
-        )
-    kernel = [h // oh, w // ow]
-    return _pool_backward(grad_output, input, kernel, kernel, [0, 0], 1.0 / (kernel[0] * kernel[1]))
+    rows, cols = _window_matrix(h, oh, grad_output), _window_matrix(w, ow, grad_output)
+    area = rows.sum(dim=1).unsqueeze(1) * cols.sum(dim=1).unsqueeze(0)  # oh x ow window sizes
+    spread = torch.matmul(rows.transpose(0, 1), grad_output / area)  # ... x h x ow
+    return torch.matmul(spread, cols)  # ... x h x w
 
 
 _TORCH_DECOMPOSED = [

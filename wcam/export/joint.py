@@ -11,7 +11,9 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from wcam.engine.capture import LayerCapture
 from wcam.engine.runner import EvalGuard
@@ -62,17 +64,27 @@ def trace_joint(
     dtype: torch.dtype = torch.float32,
     cams: bool = False,
 ) -> torch.fx.GraphModule:
-    """FX graph (aten ops, symbolic shapes) of :func:`joint_function` for ``model`` in eval mode.
+    """FX graph (aten ops) of :func:`joint_function` for ``model`` in eval mode, with a symbolic batch axis.
 
-    Traced at batch 2 (batch 1 would be specialised). Layers overwritten in place by the next op are found
-    on a first trace and copied in the second, as the eager runner does.
+    Only the batch is symbolic (H and W are fixed): shape reasoning over symbolic image sizes costs minutes
+    on DenseNet's concatenations and buys nothing, since a graph is exported for one input size. Traced at
+    batch 2 (batch 1 would be specialised). Layers overwritten in place by the next op are found on a first
+    trace and copied in the second, as the eager runner does.
     """
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
-    images = torch.zeros(2, 3, *size, dtype=dtype, device=device)
-    targets = torch.full((2,), -1, dtype=torch.long, device=device)
     copied: frozenset[str] = frozenset()
     with EvalGuard(model)():
         for _ in range(2):
+            mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+            batch_only = [DimDynamic.DYNAMIC, DimDynamic.STATIC, DimDynamic.STATIC, DimDynamic.STATIC]
+            images = mode.from_tensor(
+                torch.zeros(2, 3, *size, dtype=dtype, device=device),
+                symbolic_context=StatelessSymbolicContext(dynamic_sizes=batch_only),
+            )
+            targets = mode.from_tensor(
+                torch.full((2,), -1, dtype=torch.long, device=device),
+                symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC]),
+            )
             try:
                 return make_fx(
                     joint_function(model, layers, copied, cams),
