@@ -234,14 +234,14 @@ def test_export_to_an_unwritable_path_is_a_runtime_error(tmp_path):
 
 def test_export_unsupported_op_is_one_line_naming_it(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
-        raise UnsupportedOpError("aten.convolution_backward: only input gradients of 2-D convolutions can be exported")
+        raise UnsupportedOpError("convolution_backward", "only input gradients of 2-D convolutions", ["up.0"])
 
     monkeypatch.setattr(onnx_graph, "export_onnx", refuse)
     output = tmp_path / "out.onnx"
     code, stdout, err = _run(["export", *SMALL, "-o", str(output)])
     assert code == 1
     line = _one_error_line(err)
-    assert "cannot export resnet18" in line and "aten.convolution_backward" in line
+    assert "resnet18" in line and "cannot export convolution_backward (in up.0)" in line
     assert stdout == "" and list(tmp_path.iterdir()) == []  # no file, no scratch folder
 
 

@@ -138,3 +138,19 @@ def test_inputs_of_the_wrong_size_name_the_expected_one(seeded_models, tmp_path)
         onnx.explain(torch.zeros(1, 3, 32, 32), layers=["fc"])
     with pytest.raises(Exception, match="1000 classes"):
         onnx.explain(torch.zeros(1, 3, 32, 32), targets=[1000])
+
+
+def test_an_op_the_export_cannot_express_names_the_op_and_its_layer(tmp_path):
+    from torch import nn
+
+    from wcam.export import UnsupportedOpError
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(4, 4, 2, stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )
+    engine = Engine(model, layers=["0"], preprocess=Preprocess(size=(8, 8)))
+    with pytest.raises(UnsupportedOpError, match=r"convolution_backward \(in 1\)") as info:
+        export_onnx(engine, tmp_path / "m.onnx")
+    assert info.value.op == "convolution_backward" and info.value.layers == ["1"]
+    assert not (tmp_path / "m.onnx").exists()

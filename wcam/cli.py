@@ -537,7 +537,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             for file in produced:
                 os.replace(file, target.parent / file.name)
     except UnsupportedOpError as exc:
-        raise CliError(f"cannot export {args.model} to ONNX: unsupported op: {_reason(exc)}") from exc
+        raise CliError(f"{args.model}: {exc}") from exc
     except OSError as exc:
         raise CliError(f"cannot write {target}: {exc.strerror or _reason(exc)}") from exc
     seconds = time.perf_counter() - started

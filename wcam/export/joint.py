@@ -17,7 +17,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 from wcam.engine.capture import LayerCapture
 from wcam.engine.runner import EvalGuard
-from wcam.export.decompositions import decompositions
+from wcam.export.decompositions import OP_MODULES, UnsupportedOpError, decompositions
 from wcam.kernels import channel_cam
 
 
@@ -94,4 +94,7 @@ def trace_joint(
                 )(images, targets)
             except _Overwritten as found:
                 copied = copied | found.names
+            except UnsupportedOpError as error:
+                kinds = OP_MODULES.get(error.op, ())
+                raise error.located([n for n, m in model.named_modules() if isinstance(m, kinds)]) from None
     raise RuntimeError("layer outputs were overwritten in place although they were copied")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor, nn
 
+from wcam.export.decompositions import UnsupportedOpError
 from wcam.export.joint import trace_joint
 from wcam.kernels import layer_maps, normalize_maps
 
@@ -150,10 +151,14 @@ def export_onnx(
         args = (images, targets, torch.tensor(90.0))
         inputs, shapes = ["images", "targets", "p"], ({0: batch}, {0: batch}, None)
         outputs = ["logits", "targets_used", "heatmaps", "layer_weights"]
-    program = torch.onnx.export(
-        module.eval(), args, dynamo=True, input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
-        opset_version=opset, optimize=optimize, verbose=False,
-    )
+    try:
+        program = torch.onnx.export(
+            module.eval(), args, dynamo=True, input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
+            opset_version=opset, optimize=optimize, verbose=False,
+        )
+    except Exception as exc:  # the exporter's own errors: an aten op with no ONNX translation, typically
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedOpError("the graph", f"the ONNX exporter failed: {first}") from exc
     info = GraphInfo(
         graph=graph,
         layers=names,
