@@ -600,5 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, RuntimeError) as exc:  # I/O, missing weights, torch failures (e.g. out of memory)
         logger.debug("runtime error", exc_info=True)
         return _error(_reason(exc), 1)
+    except ImportError as exc:  # an optional dependency (the onnx extra) is missing: the message says which
+        return _error(_reason(exc), 1)
     except KeyboardInterrupt:
         return _error("interrupted", 130)

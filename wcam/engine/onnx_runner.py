@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from wcam.engine.runner import BackboneResult, check_targets
-from wcam.export.onnx_graph import GraphInfo, OnnxFormatError, activation_name, gradient_name, read_info
+from wcam.export.onnx_graph import GraphInfo, OnnxFormatError, activation_name, gradient_name, read_info, require
 from wcam.kernels import channel_cam
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class OnnxRunner:
     """
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None) -> None:
-        import onnxruntime as ort
+        ort = require("onnxruntime")
 
         self.info: GraphInfo = read_info(path)
         if self.info.graph != "features":

@@ -26,6 +26,16 @@ GRAPHS = ("features", "full")
 _TWO_GB = 2**31 - 2**20  # protobuf's limit, with a margin for the graph itself
 
 
+def require(module: str) -> object:
+    """Import an optional dependency of the ONNX features, or say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{module} is not installed; the ONNX features need: pip install 'wcam[onnx]'") from None
+
+
 class OnnxFormatError(ValueError):
     """A file that is not an ONNX graph exported by wcam (corrupt, foreign, or missing its metadata)."""
 
@@ -124,10 +134,11 @@ def export_onnx(
     the exporter's graph optimiser (slow on large graphs: +35 s on DenseNet121; ONNX Runtime optimises the
     graph itself when it loads it).
     """
-    import onnx
-
     import wcam
     from wcam.engine.engine import Engine
+
+    onnx = require("onnx")
+    require("onnxscript")
 
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
@@ -185,7 +196,7 @@ def export_onnx(
 
 def read_info(path: str | Path) -> GraphInfo:
     """The metadata of a wcam ONNX file; a missing, corrupt or foreign file raises a clear error."""
-    import onnx
+    onnx = require("onnx")
 
     path = Path(path)
     if not path.is_file():
