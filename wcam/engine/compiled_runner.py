@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from wcam.engine.runner import BackboneResult, check_targets
+from wcam.engine.runner import BackboneResult, check_logits, graph_targets
 from wcam.export.joint import trace_joint
 
 logger = logging.getLogger(__name__)
@@ -50,16 +50,14 @@ class CompiledRunner:
 
     def run(self, images: Tensor, layers: Sequence[str], targets: object = None) -> BackboneResult:
         compiled, classes, key, fresh = self._get(layers, images)
-        chosen = check_targets(targets, images.shape[0], classes)
-        chosen = torch.full((images.shape[0],), -1, dtype=torch.long) if chosen is None else chosen
+        chosen = graph_targets(targets, images.shape[0], classes)
         started = time.perf_counter()
         outputs = compiled(images, chosen.to(images.device))
         if fresh:
             self.compile_seconds[key] += time.perf_counter() - started
             logger.info("compiled %d layers at %s in %.1f s", len(layers), key[1], self.compile_seconds[key])
         logits, used = outputs[0], outputs[1]
-        if not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError("the model produced NaN or Inf logits for these images")
+        check_logits(logits)
         count = len(layers)
         return BackboneResult(
             logits=logits, targets=used, cams=list(outputs[2 : 2 + count]), scores=list(outputs[2 + count :])

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wcam.engine.runner import BackboneResult, check_targets
+from wcam.engine.runner import BackboneResult, check_logits, graph_targets
 from wcam.export.onnx_graph import GraphInfo, OnnxFormatError, activation_name, gradient_name, read_info, require
 from wcam.kernels import channel_cam
 
@@ -55,8 +55,7 @@ class OnnxRunner:
         missing = [name for name in layers if name not in self.info.layers and name != self.info.gradcam_layer]
         if missing:
             raise ValueError(f"layers not in the exported graph: {', '.join(missing)}")
-        chosen = check_targets(targets, images.shape[0], self.info.num_classes)
-        chosen = torch.full((images.shape[0],), -1, dtype=torch.long) if chosen is None else chosen
+        chosen = graph_targets(targets, images.shape[0], self.info.num_classes)
         names = ["logits", "targets_used", *map(activation_name, layers), *map(gradient_name, layers)]
         if images.is_cuda and "CUDAExecutionProvider" in self.session.get_providers():
             values = self._run_bound(images.contiguous(), chosen.to(images.device), names)
@@ -64,8 +63,7 @@ class OnnxRunner:
             arrays = self.session.run(names, {"images": images.detach().cpu().numpy(), "targets": chosen.numpy()})
             values = [torch.from_numpy(a) for a in arrays]
         logits, used = values[0], values[1]
-        if not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError("the model produced NaN or Inf logits for these images")
+        check_logits(logits)
         count = len(layers)
         cams, scores = zip(*(channel_cam(a, g) for a, g in zip(values[2 : 2 + count], values[2 + count :])))
         return BackboneResult(logits=logits, targets=used, cams=list(cams), scores=list(scores))

@@ -53,6 +53,18 @@ def check_targets(targets: object, batch: int, classes: int) -> Tensor | None:
     return values
 
 
+def graph_targets(targets: object, batch: int, classes: int) -> Tensor:
+    """Targets as a graph input: validated like :func:`check_targets`, with -1 meaning the argmax."""
+    chosen = check_targets(targets, batch, classes)
+    return torch.full((batch,), -1, dtype=torch.long) if chosen is None else chosen
+
+
+def check_logits(logits: Tensor) -> None:
+    """Refuse NaN or Inf logits: nothing explained from them would mean anything."""
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError("the model produced NaN or Inf logits for these images")
+
+
 class EvalGuard:
     """Holds a shared model in eval mode while any call is inside; restores every module's flag after the last.
 
@@ -127,8 +139,7 @@ class EagerRunner:
                     f"the model must return B x K logits, got {type(logits).__name__}"
                     f"{tuple(logits.shape) if isinstance(logits, Tensor) else ''}"
                 )
-            if not bool(torch.isfinite(logits).all()):
-                raise FloatingPointError("the model produced NaN or Inf logits for these images")
+            check_logits(logits)
             chosen = check_targets(targets, *logits.shape)
             chosen = logits.detach().argmax(dim=1) if chosen is None else chosen.to(logits.device)
             activations = capture.collect()
@@ -155,6 +166,9 @@ class EagerRunner:
                 for handle in handles:
                     handle.remove()
         for i, activation in enumerate(activations):
-            if cams[i] is None:  # the target does not depend on this layer: zero gradient
-                cams[i], scores[i] = channel_cam(activation.detach(), torch.zeros_like(activation))
+            if cams[i] is None:  # the target does not depend on this layer: zero gradient, zero map and score
+                batch, _, h, w = activation.shape
+                dtype = torch.promote_types(activation.dtype, torch.float32)
+                cams[i] = activation.new_zeros((batch, h, w), dtype=dtype)
+                scores[i] = activation.new_zeros((batch,), dtype=dtype)
         return BackboneResult(logits=logits.detach(), targets=chosen, cams=cams, scores=scores)
