@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# The Triton kernels run through Triton's CPU interpreter in the tests; it must be set before Triton is
+# imported (setdefault: a GPU run can set TRITON_INTERPRET=0 to test the compiled kernels).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
 import torch

@@ -30,7 +30,7 @@ from torch import nn
 
 import wcam
 from helpers import hook_counts
-from wcam import Engine, Preprocess
+from wcam import Engine, ImageError, Preprocess
 from wcam.engine.runner import TargetError
 
 SHAPE = (48, 64)
@@ -747,6 +747,13 @@ def test_uint8_numpy_batch_equals_list(small_engine):
     listed = small_engine.explain(list(batch))
     assert got.image_sizes == [(30, 40), (30, 40)]
     assert torch.equal(got.heatmaps, listed.heatmaps)
+    # a B x 3 x H x W uint8 tensor (video frames) is resized as one batch: the same network input
+    frames = torch.from_numpy(batch).permute(0, 3, 1, 2)
+    as_tensor = small_engine.explain(frames)
+    assert as_tensor.image_sizes == [(30, 40), (30, 40)]
+    assert torch.equal(as_tensor.heatmaps, listed.heatmaps)
+    with pytest.raises(ImageError, match="empty"):
+        small_engine.explain(frames[:, :, :0])
 
 
 # ------------------------------------------------------------------ the packaged pretrained model

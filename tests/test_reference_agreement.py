@@ -28,7 +28,7 @@ from reference import reference_combine, reference_network
 
 from wcam import Engine
 from wcam.engine.explanation import Explanation
-from wcam.kernels import layer_maps
+from wcam.kernels.dispatch import select_kernels
 
 PS = (0.0, 1.0, 50.0, 90.0, 100.0)
 # (model, input H x W, seed of a float32-well-conditioned input): small, non-square inputs keep the suite fast
@@ -70,9 +70,11 @@ def _check_all_methods(engine: Engine, images: torch.Tensor, atol: float) -> Non
     assert _max_diff(gradcam.heatmaps, ref["heatmaps"]) <= atol
 
 
-def _check_float32_maths(net: dict, out_size: tuple[int, int]) -> None:
-    """The engine's float32 CAM maths fed the reference network's float64 values, cast to float32."""
-    maps = layer_maps(
+def _check_float32_maths(net: dict, out_size: tuple[int, int], kernels: str = "torch") -> None:
+    """The engine's float32 CAM maths (torch or Triton kernels) fed the reference network's float64 values,
+    cast to float32."""
+    chosen = select_kernels(kernels, torch.device("cpu"))
+    maps = chosen.layer_maps(
         [torch.from_numpy(a).float() for a in net["activations"]],
         [torch.from_numpy(g).float() for g in net["gradients"]],
     )
@@ -82,10 +84,17 @@ def _check_float32_maths(net: dict, out_size: tuple[int, int]) -> None:
             got = Explanation.build(
                 maps, method=method, p=p, selected=range(count), out_size=out_size, interpolation="bilinear",
                 logits=torch.zeros(1), targets=torch.zeros(1), layer_names=[str(i) for i in range(count)],
-                image_sizes=[out_size],
+                image_sizes=[out_size], kernels=chosen,
             )
             ref = reference_combine(net, p=p, method=method, out_size=out_size)
             assert _max_diff(got.heatmaps, ref["heatmaps"]) <= 1e-5, f"{method} p={p}"
+
+
+def _first_image(net: dict) -> dict:
+    """The reference network's values for the first image alone."""
+    one = {key: net[key][:1] for key in ("logits", "targets", "scores", "maps")}
+    per_layer = {key: [values[:1] for values in net[key]] for key in ("activations", "gradients")}
+    return {**net, **one, **per_layer}
 
 
 @pytest.mark.parametrize("name,shape,seed", MODELS, ids=IDS)
@@ -94,12 +103,32 @@ def test_float64_engine_matches_float64_reference(seeded_models, name, shape, se
     _check_all_methods(engine, _inputs(shape, seed=0).double(), atol=1e-9)
 
 
+@pytest.mark.parametrize("name,shape,seed", [m for m in MODELS if m[0] in ("resnet18", "densenet121")], ids=str)
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+def test_triton_kernels_float64_engine_matches_float64_reference(seeded_models, name, shape, seed, interpolation):
+    """The whole engine through the Triton kernels (interpreted on this CPU) in float64: the same 1e-9 as the
+    torch path, so every kernel (layer maps, quantile clamp, resampling, normalisation) is pinned down on a
+    real layer set (DenseNet121: 120 layers of 5 sizes, more than one block of the quantile's rank count)."""
+    engine = Engine(copy.deepcopy(seeded_models(name)).double(), interpolation=interpolation, kernels="triton")
+    images = _inputs(shape, seed=0).double()
+    net = reference_network(engine.model, images, engine.layers)
+    explanation = engine.explain(images, p=90.0)
+    for p in PS:
+        ref = reference_combine(net, p=p, interpolation=interpolation)
+        assert _max_diff(explanation.with_p(p).heatmaps, ref["heatmaps"]) <= 1e-9, f"p={p}"
+    ref = reference_combine(net, method="layer_mean", interpolation=interpolation)
+    assert _max_diff(engine.explain(images, method="layer_mean").heatmaps, ref["heatmaps"]) <= 1e-9
+
+
 @pytest.mark.parametrize("name,shape,seed", MODELS, ids=IDS)
 def test_float32_engine_matches_float64_reference(seeded_models, name, shape, seed):
     engine = Engine(seeded_models(name))
     images = _inputs(shape, seed)
     _check_all_methods(engine, images, atol=1e-5)
-    _check_float32_maths(reference_network(engine.model, _inputs(shape, seed=0), engine.layers), shape)
+    net = reference_network(engine.model, _inputs(shape, seed=0), engine.layers)
+    _check_float32_maths(net, shape)
+    if name == "resnet50":  # the Triton kernels on a real float32 layer set (interpreted: one model is enough)
+        _check_float32_maths(net, shape, kernels="triton")
 
 
 def test_pretrained_lite0_on_real_photos(lite0, photos):
@@ -110,6 +139,7 @@ def test_pretrained_lite0_on_real_photos(lite0, photos):
     batch, _ = engine.preprocess([photos[n] for n in names], engine.device)
     net = reference_network(engine.model, batch, engine.layers)
     _check_float32_maths(net, (224, 224))  # all three photos
+    _check_float32_maths(_first_image(net), (224, 224), kernels="triton")  # interpreted: one photo is enough
     conditioned = [0, 2]  # chelsea, astronaut: float32 takes the float64 branches (see module docstring)
     for p in PS:
         ref = reference_combine(net, p=p)["heatmaps"][conditioned]

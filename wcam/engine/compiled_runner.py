@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from wcam.engine.runner import BackboneResult, check_logits, graph_targets
 from wcam.export.joint import trace_joint
+from wcam.kernels import group_maps
+from wcam.kernels.dispatch import TorchKernels
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ class CompiledRunner:
             self.compile_seconds[key] = time.perf_counter() - started
             return compiled, classes, key, True
 
-    def run(self, images: Tensor, layers: Sequence[str], targets: object = None) -> BackboneResult:
+    def run(self, images: Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels) -> BackboneResult:
+        """The CAM contraction runs inside the compiled graph (fused by Inductor), so ``kernels`` only
+        normalises."""
         compiled, classes, key, fresh = self._get(layers, images)
         chosen = graph_targets(targets, images.shape[0], classes)
         started = time.perf_counter()
@@ -59,9 +63,8 @@ class CompiledRunner:
         logits, used = outputs[0], outputs[1]
         check_logits(logits)
         count = len(layers)
-        return BackboneResult(
-            logits=logits, targets=used, cams=list(outputs[2 : 2 + count]), scores=list(outputs[2 + count :])
-        )
+        maps = group_maps(outputs[2 : 2 + count], outputs[2 + count :])
+        return BackboneResult(logits=logits, targets=used, maps=maps)
 
 
 def _logit_classes(graph: torch.fx.GraphModule) -> int:

@@ -17,7 +17,8 @@ from wcam.engine.compiled_runner import CompiledRunner
 from wcam.engine.onnx_runner import OnnxRunner
 from wcam.engine.runner import BackboneResult, EagerRunner
 from wcam.export.cache import cached_features_graph
-from wcam.kernels import check_percentile, group_maps
+from wcam.kernels import check_percentile
+from wcam.kernels.dispatch import TorchKernels, select_kernels
 from wcam.kernels.resample import INTERPOLATIONS
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,9 @@ logger = logging.getLogger(__name__)
 class Runner(Protocol):
     """Runs the network: one forward and the per-layer CAM sums and scores for the given layers."""
 
-    def run(self, images: torch.Tensor, layers: Sequence[str], targets: object = None) -> BackboneResult: ...
+    def run(
+        self, images: torch.Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels
+    ) -> BackboneResult: ...
 
 
 BACKENDS = ("eager", "compiled", "onnxruntime")
@@ -44,6 +47,9 @@ class Engine:
     graph compiled by ``torch.compile`` (once per layer set, input size and dtype, on first use);
     ``"onnxruntime"``, that graph exported to ONNX (cached in ``cache_dir``, so a second start does not
     export again) and run by ONNX Runtime. The graph backends snapshot the model's weights.
+
+    ``kernels`` runs the CAM maths: ``"triton"`` (fused Triton kernels), ``"torch"`` (vectorised torch) or
+    ``"auto"`` (Triton on CUDA, torch elsewhere); None reads ``$WCAM_KERNELS`` (default ``auto``).
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class Engine:
         categories: list[str] | None = None,
         backend: str = "eager",
         cache_dir: str | Path | None = None,
+        kernels: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -68,6 +75,7 @@ class Engine:
         first = next(model.parameters(), None)
         self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
         self.dtype = first.dtype if first is not None and first.dtype.is_floating_point else torch.float32
+        self.kernels = select_kernels(kernels, self.device)
         self.model = model
         self.layers = resolve_layers(model, layers) if layers is not None else preset_layers(model)
         if not self.layers:
@@ -92,6 +100,7 @@ class Engine:
         device: torch.device | str = "cpu",
         providers: Sequence[str] | None = None,
         interpolation: str | None = None,
+        kernels: str | None = None,
     ) -> "Engine":
         """An engine on an exported ``features`` graph alone (no torch model): layers, input size,
         normalisation, interpolation (unless given) and class names come from the file's metadata."""
@@ -102,6 +111,7 @@ class Engine:
         engine = cls.__new__(cls)
         engine.model = None
         engine.device = torch.device(device)
+        engine.kernels = select_kernels(kernels, engine.device)
         engine.dtype = runner.dtype
         engine.layers = list(info.layers)
         engine.gradcam_layer = info.gradcam_layer
@@ -155,8 +165,8 @@ class Engine:
         p = check_percentile(p)
         names = self.layers_for(method, layers)
         batch, sizes = self.preprocess(images, self.device, self.dtype)
-        result = self._runner.run(batch, names, targets)
-        maps = group_maps(result.cams, result.scores)
+        result = self._runner.run(batch, names, targets, self.kernels)
+        maps = result.maps
         broken = ~torch.isfinite(maps.scores)
         if bool(broken.any()):
             image, layer = (int(i) for i in broken.nonzero()[0])
@@ -172,4 +182,5 @@ class Engine:
             targets=result.targets,
             layer_names=names,
             image_sizes=sizes,
+            kernels=self.kernels,
         )

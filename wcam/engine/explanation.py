@@ -9,25 +9,34 @@ import torch
 from torch import Tensor
 
 from wcam.engine.layers import select_layers
-from wcam.kernels import LayerMaps, normalize_maps, resample, weighted_sum, winsor_weights
+from wcam.kernels import LayerMaps
+from wcam.kernels.dispatch import TorchKernels
 
 METHODS = ("winsor", "gradcam", "layer_mean")
 
 
 def combine(
-    maps: LayerMaps, method: str, p: float, selected: Sequence[int], out_size: tuple[int, int], interpolation: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Steps 7-10 on cached layer maps: ``(layer weights B x L, S at (h*, w*), S at out_size)``.
+    maps: LayerMaps,
+    method: str,
+    p: float | Tensor,
+    selected: Sequence[int],
+    out_size: tuple[int, int],
+    interpolation: str,
+    kernels: TorchKernels,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Steps 7-10 on cached layer maps with ``kernels``:
+    ``(layer weights B x L, S at (h*, w*), S at out_size, normalised S at out_size)``.
 
     ``winsor`` weights by winsorised scores; ``layer_mean`` gives every selected layer 1/L (a plain mean);
     ``gradcam`` needs exactly one selected layer, weight 1. Layers outside ``selected`` get weight 0 and do
     not take part in the quantile or in choosing (h*, w*).
     """
     scores = maps.scores
-    mask = torch.zeros(maps.num_layers, dtype=torch.bool, device=scores.device)
+    mask = torch.zeros(maps.num_layers, dtype=torch.bool)
     mask[list(selected)] = True
+    mask = mask.to(scores.device)
     if method == "winsor":
-        weights = winsor_weights(scores, p, mask)
+        weights = kernels.winsor_weights(scores, p, mask)
     elif method == "layer_mean":
         weights = (mask.to(scores.dtype) / len(selected)).expand_as(scores).contiguous()
     elif method == "gradcam":
@@ -43,8 +52,8 @@ def combine(
         if keep:
             kept = group_maps if len(keep) == len(indices) else group_maps[:, keep]
             groups.append((size, [indices[k] for k in keep], kept))
-    star, full = weighted_sum(groups, weights, out_size, interpolation)
-    return weights, star, full
+    star, sums, heatmaps = kernels.weighted_sum(groups, weights, out_size, interpolation)
+    return weights, star, sums, heatmaps
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +79,7 @@ class Explanation:
     layer_maps: LayerMaps = field(repr=False)
     sums_at_layer_size: Tensor = field(repr=False)
     selected_layers: list[int] = field(repr=False)
+    kernels: TorchKernels = field(repr=False)
 
     @classmethod
     def build(
@@ -85,11 +95,12 @@ class Explanation:
         targets: Tensor,
         layer_names: list[str],
         image_sizes: list[tuple[int, int]],
+        kernels: TorchKernels,
     ) -> "Explanation":
-        weights, star, full = combine(maps, method, p, selected, out_size, interpolation)
+        weights, star, sums, heatmaps = combine(maps, method, p, selected, out_size, interpolation, kernels)
         return cls(
-            heatmaps=normalize_maps(full),
-            sums=full,
+            heatmaps=heatmaps,
+            sums=sums,
             logits=logits,
             targets=targets,
             layer_names=list(layer_names),
@@ -102,6 +113,7 @@ class Explanation:
             layer_maps=maps,
             sums_at_layer_size=star,
             selected_layers=list(selected),
+            kernels=kernels,
         )
 
     @property
@@ -128,9 +140,10 @@ class Explanation:
             targets=self.targets,
             layer_names=self.layer_names,
             image_sizes=self.image_sizes,
+            kernels=self.kernels,
         )
 
     def heatmap(self, index: int, size: tuple[int, int] | None = None) -> Tensor:
         """Normalised heatmap of image ``index`` at ``size`` (default: the image's original size)."""
         size = tuple(size) if size is not None else self.image_sizes[index]
-        return normalize_maps(resample(self.sums_at_layer_size[index], size, self.interpolation))
+        return self.kernels.render(self.sums_at_layer_size[index : index + 1], size, self.interpolation)[0]

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from wcam.engine.runner import BackboneResult, check_logits, graph_targets
 from wcam.export.onnx_graph import GraphInfo, OnnxFormatError, activation_name, gradient_name, read_info, require
-from wcam.kernels import channel_cam
+from wcam.kernels.dispatch import TorchKernels
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class OnnxRunner:
         self._shapes = {o.name: o.shape for o in self.session.get_outputs()}
         self.dtype = _INPUT_TYPES[self.session.get_inputs()[0].type]
 
-    def run(self, images: Tensor, layers: Sequence[str], targets: object = None) -> BackboneResult:
+    def run(self, images: Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels) -> BackboneResult:
         expected = (3, *self.info.input_size)
         if tuple(images.shape[1:]) != expected:
             raise ValueError(
@@ -65,8 +65,8 @@ class OnnxRunner:
         logits, used = values[0], values[1]
         check_logits(logits)
         count = len(layers)
-        cams, scores = zip(*(channel_cam(a, g) for a, g in zip(values[2 : 2 + count], values[2 + count :])))
-        return BackboneResult(logits=logits, targets=used, cams=list(cams), scores=list(scores))
+        maps = kernels.layer_maps(values[2 : 2 + count], values[2 + count :])
+        return BackboneResult(logits=logits, targets=used, maps=maps)
 
     def _run_bound(self, images: Tensor, targets: Tensor, names: list[str]) -> list[Tensor]:
         """One run with inputs and outputs in torch's CUDA memory (I/O binding)."""

@@ -41,18 +41,23 @@ class Preprocess:
         if isinstance(images, Tensor) and images.dtype.is_floating_point:
             batch = _check_float_batch(images)
             return batch.to(device=device, dtype=dtype), [tuple(batch.shape[-2:])] * batch.shape[0]
+        if isinstance(images, Tensor) and images.dim() == 4 and images.dtype == torch.uint8 and images.shape[1] == 3:
+            _check_size(images[0])  # one batch of equal-sized frames (video): resized in one call, on the device
+            return self._normalise(images, device, dtype), [tuple(images.shape[-2:])] * images.shape[0]
         pictures = [_to_chw_uint8(item) for item in _as_list(images)]
         if not pictures:
             raise ImageError("no images given")
-        mean = torch.tensor(self.mean, device=device, dtype=dtype).view(3, 1, 1)
-        std = torch.tensor(self.std, device=device, dtype=dtype).view(3, 1, 1)
-        batch = []
-        for picture in pictures:
-            x = picture.to(device=device, dtype=dtype).div_(255.0).unsqueeze(0)
-            if tuple(x.shape[-2:]) != self.size:
-                x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
-            batch.append((x[0] - mean) / std)
-        return torch.stack(batch), [tuple(p.shape[-2:]) for p in pictures]
+        batch = torch.cat([self._normalise(picture.unsqueeze(0), device, dtype) for picture in pictures])
+        return batch, [tuple(p.shape[-2:]) for p in pictures]
+
+    def _normalise(self, pictures: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``B x 3 x h x w`` uint8 to the normalised network input, resized (antialiased) on ``device``."""
+        x = pictures.to(device=device, dtype=dtype).div_(255.0)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(self.mean, device=device, dtype=dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device, dtype=dtype).view(1, 3, 1, 1)
+        return ((x - mean) / std).contiguous()
 
 
 def _as_list(images: Any) -> list[Any]:

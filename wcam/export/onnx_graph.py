@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from wcam.export.decompositions import UnsupportedOpError
 from wcam.export.joint import trace_joint
-from wcam.kernels import layer_maps, normalize_maps
+from wcam.kernels import layer_maps
+from wcam.kernels.dispatch import TorchKernels
 
 if TYPE_CHECKING:
     from wcam.engine.engine import Engine
@@ -112,8 +113,10 @@ class _FullGraph(nn.Module):
         outputs = self.joint(images, targets)
         logits, chosen = outputs[0], outputs[1]
         maps = layer_maps(outputs[2 : 2 + self.count], outputs[2 + self.count :])
-        weights, _, full = combine(maps, "winsor", p, range(self.count), self.size, self.interpolation)
-        return logits, chosen, normalize_maps(full), weights
+        weights, _, _, heatmaps = combine(
+            maps, "winsor", p, range(self.count), self.size, self.interpolation, TorchKernels()
+        )
+        return logits, chosen, heatmaps, weights
 
 
 def export_onnx(

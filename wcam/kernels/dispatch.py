@@ -1,0 +1,120 @@
+"""Which implementation of the CAM maths runs: the vectorised torch path or the fused Triton kernels.
+
+``auto`` (the default) picks Triton for CUDA tensors when Triton imports, and torch otherwise. The
+``WCAM_KERNELS`` environment variable (``triton``, ``torch`` or ``auto``) sets the default, and an explicit
+choice (``Engine(kernels=...)``) overrides both. ``WCAM_KERNELS=triton TRITON_INTERPRET=1`` runs the whole
+engine through the Triton kernels on a CPU, through Triton's interpreter (for tests: slow).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from wcam.kernels.blend import blend
+from wcam.kernels.layer_maps import LayerMaps, layer_maps
+from wcam.kernels.resample import normalize_maps, resample, weighted_sum
+from wcam.kernels.winsor import winsor_weights
+
+KERNELS = ("auto", "triton", "torch")
+
+Groups = Iterable[tuple[tuple[int, int], list[int], Tensor]]
+
+
+class TorchKernels:
+    """The vectorised torch path: runs on any device, and is the reference for the Triton kernels."""
+
+    name = "torch"
+
+    def layer_maps(self, activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> LayerMaps:
+        return layer_maps(activations, gradients)
+
+    def winsor_weights(self, scores: Tensor, p: float | Tensor, mask: Tensor | None = None) -> Tensor:
+        return winsor_weights(scores, p, mask)
+
+    def weighted_sum(
+        self, groups: Groups, weights: Tensor, out_size: tuple[int, int], interpolation: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(S at (h*, w*), S at out_size, S at out_size min-max normalised)``."""
+        star, sums = weighted_sum(groups, weights, out_size, interpolation)
+        return star, sums, normalize_maps(sums)
+
+    def render(
+        self,
+        star: Tensor,
+        out_size: tuple[int, int],
+        interpolation: str,
+        frames: Tensor | None = None,
+        alpha: float = 0.5,
+        lut: Tensor | None = None,
+    ) -> Tensor:
+        """Normalised heatmaps at ``out_size`` from sums S* at the layer size, or ``frames`` with them blended in."""
+        heat = normalize_maps(resample(star, out_size, interpolation))
+        if frames is None:
+            return heat
+        if lut is None:
+            raise ValueError("blending needs a 256 x 3 uint8 colour table")
+        return blend(heat, frames, alpha, lut)
+
+
+class TritonKernels(TorchKernels):
+    """The fused Triton kernels (:mod:`wcam.kernels.triton`): a fixed number of launches per batch."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from wcam.kernels.triton import layer_maps as maps_op
+        from wcam.kernels.triton import resample as resample_op
+        from wcam.kernels.triton import winsor as winsor_op
+
+        self._maps, self._resample, self._winsor = maps_op, resample_op, winsor_op
+
+    def layer_maps(self, activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> LayerMaps:
+        return self._maps.layer_maps(activations, gradients)
+
+    def winsor_weights(self, scores: Tensor, p: float | Tensor, mask: Tensor | None = None) -> Tensor:
+        return self._winsor.winsor_weights(scores, p, mask)
+
+    def weighted_sum(
+        self, groups: Groups, weights: Tensor, out_size: tuple[int, int], interpolation: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return self._resample.weighted_sum(groups, weights, out_size, interpolation)
+
+    def render(
+        self,
+        star: Tensor,
+        out_size: tuple[int, int],
+        interpolation: str,
+        frames: Tensor | None = None,
+        alpha: float = 0.5,
+        lut: Tensor | None = None,
+    ) -> Tensor:
+        star = star.contiguous()
+        stats = torch.empty((star.shape[0], 2), dtype=star.dtype, device=star.device)
+        stats[:, 0], stats[:, 1] = float("inf"), float("-inf")
+        self._resample.upsample(star, stats, out_size, interpolation, write=False)
+        return self._resample.render(star, stats, out_size, interpolation, frames, alpha, lut)
+
+
+def select_kernels(choice: str | None, device: torch.device) -> TorchKernels:
+    """The kernels for tensors on ``device``: ``choice`` if given, else ``$WCAM_KERNELS``, else ``auto``."""
+    choice = choice if choice is not None else os.environ.get("WCAM_KERNELS", "auto")
+    if choice not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS} (argument or WCAM_KERNELS), got {choice!r}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    if choice == "auto":
+        choice = "triton" if device.type == "cuda" and has_triton else "torch"
+    if choice == "torch":
+        return TorchKernels()
+    if not has_triton:
+        raise RuntimeError("kernels='triton' needs Triton: pip install 'wcam[triton]'")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"the Triton kernels run on CUDA tensors, or on the CPU under TRITON_INTERPRET=1 (set before Triton "
+            f"is imported); got {device.type} tensors"
+        )
+    return TritonKernels()

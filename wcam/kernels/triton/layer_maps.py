@@ -1,0 +1,184 @@
+"""Grad-CAM map and score of every (image, layer) pair in three launches (spec steps 3-6).
+
+1. ``_channel_weights_kernel``, one program per (image, layer, block of channels):
+   ``alpha[b, k] = (1 / hw) sum_uv G[b, k, u, v]``.
+2. ``_layer_cam_kernel``, one program per (image, layer, block of pixels):
+   ``M[b, uv] = max(sum_k alpha[b, k] A[b, k, uv], 0)`` and, from the program holding pixel 0,
+   ``s[b] = max((1 / C) sum_k alpha[b, k], 0)``.
+3. ``_normalize_kernel``, one program per (image, layer): ``M <- (M - min M) / (max M - min M)``, or 0 for a
+   constant map.
+
+Activations and gradients are read in place (any strides: NCHW or channels-last) in fp16, bf16, fp32 or
+fp64 and accumulated in fp32 (fp64 for fp64). Work is listed per layer in a table of (layer, start) items,
+so a launch's grid is the total number of channel or pixel blocks over all layers, times the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from wcam.kernels.layer_maps import LayerMaps
+from wcam.kernels.triton.tables import accumulator, triton_type, upload
+
+# One row of the layer table, as the kernels read it: 0 activation address, 1 gradient address, 2 channels,
+# 3 height, 4 width, 5-8 activation strides (batch, channel, row, column), 9-12 gradient strides,
+# 13 output map address, 14 output batch stride, 15 the layer's first column in the alpha buffer.
+_FIELDS = 16
+
+BLOCK_C = 32
+BLOCK_HW = 64
+BLOCK_NORM = 256
+
+
+@triton.jit
+def _channel_weights_kernel(table, work, alpha, alpha_stride, DT: tl.constexpr, FIELDS: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """alpha[b, off + k] = mean over (u, v) of G[b, k, u, v] for the program's block of channels k."""
+    item = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    layer = tl.load(work + 2 * item)
+    c0 = tl.load(work + 2 * item + 1)
+    row = table + layer * FIELDS
+    grad = tl.load(row + 1).to(tl.pointer_type(DT))
+    channels = tl.load(row + 2)
+    width = tl.load(row + 4)
+    hw = tl.load(row + 3) * width
+    acc_type = alpha.dtype.element_ty
+    ks = c0 + tl.arange(0, BLOCK_C)
+    kmask = ks < channels
+    base = grad + b * tl.load(row + 9) + ks[:, None] * tl.load(row + 10)
+    s_row = tl.load(row + 11)
+    s_col = tl.load(row + 12)
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_type)
+    for start in range(0, hw, BLOCK_HW):
+        pix = start + tl.arange(0, BLOCK_HW)
+        where = (pix // width) * s_row + (pix % width) * s_col
+        g = tl.load(base + where[None, :], mask=kmask[:, None] & (pix < hw)[None, :], other=0.0)
+        acc += g.to(acc_type)
+    mean = tl.sum(acc, axis=1) / hw.to(acc_type)
+    tl.store(alpha + b * alpha_stride + tl.load(row + 15) + ks, mean, mask=kmask)
+
+
+@triton.jit
+def _layer_cam_kernel(table, work, alpha, alpha_stride, scores, num_layers, DT: tl.constexpr,
+                      FIELDS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """M[b, uv] = ReLU(sum_k alpha[b, k] A[b, k, uv]) on the program's pixels; the layer score from pixel 0."""
+    item = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    layer = tl.load(work + 2 * item)
+    p0 = tl.load(work + 2 * item + 1)
+    row = table + layer * FIELDS
+    act = tl.load(row).to(tl.pointer_type(DT))
+    channels = tl.load(row + 2)
+    width = tl.load(row + 4)
+    hw = tl.load(row + 3) * width
+    acc_type = alpha.dtype.element_ty
+    pix = p0 + tl.arange(0, BLOCK_HW)
+    pmask = pix < hw
+    where = (pix // width) * tl.load(row + 7) + (pix % width) * tl.load(row + 8)
+    base = act + b * tl.load(row + 5)
+    s_chan = tl.load(row + 6)
+    weights = alpha + b * alpha_stride + tl.load(row + 15)
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_type)
+    alpha_sum = tl.zeros([BLOCK_C], dtype=acc_type)
+    for c0 in range(0, channels, BLOCK_C):
+        ks = c0 + tl.arange(0, BLOCK_C)
+        kmask = ks < channels
+        a_k = tl.load(weights + ks, mask=kmask, other=0.0)
+        values = tl.load(base + ks[:, None] * s_chan + where[None, :], mask=kmask[:, None] & pmask[None, :], other=0.0)
+        acc += a_k[:, None] * values.to(acc_type)
+        alpha_sum += a_k
+    cam = tl.sum(acc, axis=0)
+    out = tl.load(row + 13).to(tl.pointer_type(acc_type)) + b * tl.load(row + 14)
+    tl.store(out + pix, tl.where(cam > 0, cam, 0.0), mask=pmask)
+    if p0 == 0:
+        score = tl.sum(alpha_sum, axis=0) / channels.to(acc_type)
+        tl.store(scores + b * num_layers + layer, tl.where(score < 0, 0.0, score))  # NaN stays NaN
+
+
+@triton.jit
+def _normalize_kernel(table, ACC: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.constexpr):
+    """Min-max normalise one (image, layer) map in place; a constant map becomes zeros."""
+    layer = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    row = table + layer * FIELDS
+    hw = tl.load(row + 3) * tl.load(row + 4)
+    out = tl.load(row + 13).to(tl.pointer_type(ACC)) + b * tl.load(row + 14)
+    low = tl.full([BLOCK], float("inf"), ACC)
+    high = tl.full([BLOCK], float("-inf"), ACC)
+    for start in range(0, hw, BLOCK):
+        pix = start + tl.arange(0, BLOCK)
+        m = pix < hw
+        v = tl.load(out + pix, mask=m, other=0.0)
+        low = tl.minimum(low, tl.where(m, v, float("inf")))
+        high = tl.maximum(high, tl.where(m, v, float("-inf")))
+    lo = tl.min(low, axis=0)
+    spread = tl.max(high, axis=0) - lo
+    for start in range(0, hw, BLOCK):
+        pix = start + tl.arange(0, BLOCK)
+        m = pix < hw
+        v = tl.load(out + pix, mask=m, other=0.0)
+        tl.store(out + pix, tl.where(spread > 0, (v - lo) / tl.where(spread > 0, spread, 1.0), 0.0), mask=m)
+
+
+def _check(activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> torch.dtype:
+    if len(activations) != len(gradients) or not activations:
+        raise ValueError(f"need one gradient per activation, got {len(activations)} and {len(gradients)}")
+    first = activations[0]
+    for i, (a, g) in enumerate(zip(activations, gradients)):
+        if a.dim() != 4 or a.shape != g.shape:
+            raise ValueError(f"layer {i}: activation {tuple(a.shape)} and gradient {tuple(g.shape)} must be equal B x C x h x w")
+        if a.shape[0] != first.shape[0] or a.device != first.device:
+            raise ValueError(f"layer {i}: every layer must have the batch size and device of layer 0")
+        if a.dtype != first.dtype or g.dtype != first.dtype:
+            raise TypeError(f"layer {i}: {a.dtype}/{g.dtype}, but one launch takes one dtype ({first.dtype})")
+    triton_type(first.dtype)
+    return first.dtype
+
+
+def layer_maps(activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> LayerMaps:
+    """Triton twin of :func:`wcam.kernels.layer_maps`: the same :class:`LayerMaps`, computed in 3 launches."""
+    dtype = _check(activations, gradients)
+    acc = accumulator(dtype)
+    batch, device = activations[0].shape[0], activations[0].device
+    members: dict[tuple[int, int], list[int]] = {}
+    for index, a in enumerate(activations):
+        members.setdefault(tuple(a.shape[-2:]), []).append(index)
+    outputs: list[tuple[Tensor, int]] = [None] * len(activations)  # type: ignore[list-item]
+    groups = {}
+    for (h, w), indices in members.items():
+        maps = torch.empty((batch, len(indices), h, w), dtype=acc, device=device)
+        groups[(h, w)] = (indices, maps)
+        for k, index in enumerate(indices):
+            outputs[index] = (maps, k * h * w)
+    rows, channel_items, pixel_items = [], [], []
+    offset = 0
+    for index, (a, g) in enumerate(zip(activations, gradients)):
+        _, c, h, w = a.shape
+        maps, start = outputs[index]
+        rows.append([a.data_ptr(), g.data_ptr(), c, h, w, *a.stride(), *g.stride(),
+                     maps.data_ptr() + start * maps.element_size(), maps.stride(0), offset])
+        channel_items += [(index, k) for k in range(0, c, BLOCK_C)]
+        pixel_items += [(index, p) for p in range(0, h * w, BLOCK_HW)]
+        offset += c
+    packed = upload([*rows, *channel_items, *pixel_items], device)
+    table = packed[: _FIELDS * len(rows)]
+    channel_work = packed[table.numel() : table.numel() + 2 * len(channel_items)]
+    pixel_work = packed[table.numel() + channel_work.numel() :]
+    alpha = torch.empty((batch, offset), dtype=acc, device=device)
+    scores = torch.empty((batch, len(rows)), dtype=acc, device=device)
+    dt = triton_type(dtype)
+    _channel_weights_kernel[(len(channel_items), batch)](
+        table, channel_work, alpha, offset, DT=dt, FIELDS=_FIELDS, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW
+    )
+    _layer_cam_kernel[(len(pixel_items), batch)](
+        table, pixel_work, alpha, offset, scores, len(rows), DT=dt, FIELDS=_FIELDS, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW
+    )
+    _normalize_kernel[(len(rows), batch)](table, ACC=triton_type(acc), FIELDS=_FIELDS, BLOCK=BLOCK_NORM)
+    return LayerMaps(groups=groups, scores=scores)
