@@ -39,7 +39,8 @@ LAYER_SETS = {
 
 
 def _layers(name: str, dtype: torch.dtype, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Activations and gradients with a positive mean gradient on most layers; layer 2 is channels-last."""
+    """Activations and gradients with a positive mean gradient on most layers; layer 2 is channels-last and
+    layer 3 a transposed view (no single pixel stride: the kernels copy it)."""
     gen = torch.Generator().manual_seed(seed)
     batch, shapes = LAYER_SETS[name]
     acts, grads = [], []
@@ -49,6 +50,8 @@ def _layers(name: str, dtype: torch.dtype, seed: int = 0) -> tuple[list[torch.Te
         a, g = a.to(dtype), g.to(dtype)
         if i == 2:
             a, g = a.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+        if i == 3:
+            a, g = a.transpose(2, 3), g.transpose(2, 3)
         acts.append(a)
         grads.append(g)
     return acts, grads

@@ -51,13 +51,15 @@ class Preprocess:
         return batch, [tuple(p.shape[-2:]) for p in pictures]
 
     def _normalise(self, pictures: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """``B x 3 x h x w`` uint8 to the normalised network input, resized (antialiased) on ``device``."""
-        x = pictures.to(device=device, dtype=dtype).div_(255.0)
+        """``B x 3 x h x w`` uint8 to the normalised network input in ``dtype``, resized (antialiased) on
+        ``device``; the arithmetic is float32 or wider (antialiased resizing has no fp16/bf16 kernels)."""
+        work = torch.promote_types(dtype, torch.float32)
+        x = pictures.to(device=device, dtype=work).div_(255.0)
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
-        mean = torch.tensor(self.mean, device=device, dtype=dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device, dtype=dtype).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous()
+        mean = torch.tensor(self.mean, device=device, dtype=work).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device, dtype=work).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(dtype).contiguous()
 
 
 def _as_list(images: Any) -> list[Any]:

@@ -3,6 +3,7 @@
 Each entry point takes and returns what its torch counterpart in :mod:`wcam.kernels` does, so the dispatch in
 :mod:`wcam.kernels.dispatch` can swap them. A launch covers every image and every layer at once: per-layer
 tensors are read where they live, through a small table of pointers, strides and shapes, so the number of
-launches per batch does not grow with the number of layers. On a CPU they run under ``TRITON_INTERPRET=1``
+launches per batch does not grow with the number of layers. Sizes that change with the model, the batch or
+the frame are not specialised on, so a new layer set or frame size reuses the compiled kernels. On a CPU they run under ``TRITON_INTERPRET=1``
 (for tests; far too slow for real work).
 """

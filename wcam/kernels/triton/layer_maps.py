@@ -8,8 +8,9 @@
 3. ``_normalize_kernel``, one program per (image, layer): ``M <- (M - min M) / (max M - min M)``, or 0 for a
    constant map.
 
-Activations and gradients are read in place (any strides: NCHW or channels-last) in fp16, bf16, fp32 or
-fp64 and accumulated in fp32 (fp64 for fp64). Work is listed per layer in a table of (layer, start) items,
+Activations and gradients are read in place in fp16, bf16, fp32 or fp64 and accumulated in fp32 (fp64 for
+fp64). Any layout whose (h, w) plane has one pixel stride (NCHW, channels-last) is read as it is, so the
+kernels index pixels without a division; other views are copied first. Work is listed per layer in a table of (layer, start) items,
 so a launch's grid is the total number of channel or pixel blocks over all layers, times the batch.
 """
 
@@ -27,16 +28,16 @@ from wcam.kernels.layer_maps import LayerMaps
 from wcam.kernels.triton.tables import accumulator, triton_type, upload
 
 # One row of the layer table, as the kernels read it: 0 activation address, 1 gradient address, 2 channels,
-# 3 height, 4 width, 5-8 activation strides (batch, channel, row, column), 9-12 gradient strides,
-# 13 output map address, 14 output batch stride, 15 the layer's first column in the alpha buffer.
-_FIELDS = 16
+# 3 pixels (h * w), 4-6 activation strides (batch, channel, pixel), 7-9 gradient strides, 10 output map
+# address, 11 output batch stride, 12 the layer's first column in the alpha buffer.
+_FIELDS = 13
 
 BLOCK_C = 32
 BLOCK_HW = 64
 BLOCK_NORM = 256
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["alpha_stride"])
 def _channel_weights_kernel(table, work, alpha, alpha_stride, DT: tl.constexpr, FIELDS: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """alpha[b, off + k] = mean over (u, v) of G[b, k, u, v] for the program's block of channels k."""
@@ -47,25 +48,22 @@ def _channel_weights_kernel(table, work, alpha, alpha_stride, DT: tl.constexpr, 
     row = table + layer * FIELDS
     grad = tl.load(row + 1).to(tl.pointer_type(DT))
     channels = tl.load(row + 2)
-    width = tl.load(row + 4)
-    hw = tl.load(row + 3) * width
+    hw = tl.load(row + 3)
     acc_type = alpha.dtype.element_ty
     ks = c0 + tl.arange(0, BLOCK_C)
     kmask = ks < channels
-    base = grad + b * tl.load(row + 9) + ks[:, None] * tl.load(row + 10)
-    s_row = tl.load(row + 11)
-    s_col = tl.load(row + 12)
+    base = grad + b * tl.load(row + 7) + ks[:, None] * tl.load(row + 8)
+    s_pix = tl.load(row + 9)
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_type)
     for start in range(0, hw, BLOCK_HW):
         pix = start + tl.arange(0, BLOCK_HW)
-        where = (pix // width) * s_row + (pix % width) * s_col
-        g = tl.load(base + where[None, :], mask=kmask[:, None] & (pix < hw)[None, :], other=0.0)
+        g = tl.load(base + pix[None, :] * s_pix, mask=kmask[:, None] & (pix < hw)[None, :], other=0.0)
         acc += g.to(acc_type)
     mean = tl.sum(acc, axis=1) / hw.to(acc_type)
-    tl.store(alpha + b * alpha_stride + tl.load(row + 15) + ks, mean, mask=kmask)
+    tl.store(alpha + b * alpha_stride + tl.load(row + 12) + ks, mean, mask=kmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["alpha_stride", "num_layers"])
 def _layer_cam_kernel(table, work, alpha, alpha_stride, scores, num_layers, DT: tl.constexpr,
                       FIELDS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """M[b, uv] = ReLU(sum_k alpha[b, k] A[b, k, uv]) on the program's pixels; the layer score from pixel 0."""
@@ -76,15 +74,14 @@ def _layer_cam_kernel(table, work, alpha, alpha_stride, scores, num_layers, DT: 
     row = table + layer * FIELDS
     act = tl.load(row).to(tl.pointer_type(DT))
     channels = tl.load(row + 2)
-    width = tl.load(row + 4)
-    hw = tl.load(row + 3) * width
+    hw = tl.load(row + 3)
     acc_type = alpha.dtype.element_ty
     pix = p0 + tl.arange(0, BLOCK_HW)
     pmask = pix < hw
-    where = (pix // width) * tl.load(row + 7) + (pix % width) * tl.load(row + 8)
-    base = act + b * tl.load(row + 5)
-    s_chan = tl.load(row + 6)
-    weights = alpha + b * alpha_stride + tl.load(row + 15)
+    where = pix * tl.load(row + 6)
+    base = act + b * tl.load(row + 4)
+    s_chan = tl.load(row + 5)
+    weights = alpha + b * alpha_stride + tl.load(row + 12)
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_type)
     alpha_sum = tl.zeros([BLOCK_C], dtype=acc_type)
     for c0 in range(0, channels, BLOCK_C):
@@ -95,7 +92,7 @@ def _layer_cam_kernel(table, work, alpha, alpha_stride, scores, num_layers, DT: 
         acc += a_k[:, None] * values.to(acc_type)
         alpha_sum += a_k
     cam = tl.sum(acc, axis=0)
-    out = tl.load(row + 13).to(tl.pointer_type(acc_type)) + b * tl.load(row + 14)
+    out = tl.load(row + 10).to(tl.pointer_type(acc_type)) + b * tl.load(row + 11)
     tl.store(out + pix, tl.where(cam > 0, cam, 0.0), mask=pmask)
     if p0 == 0:
         score = tl.sum(alpha_sum, axis=0) / channels.to(acc_type)
@@ -108,8 +105,8 @@ def _normalize_kernel(table, ACC: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.
     layer = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     row = table + layer * FIELDS
-    hw = tl.load(row + 3) * tl.load(row + 4)
-    out = tl.load(row + 13).to(tl.pointer_type(ACC)) + b * tl.load(row + 14)
+    hw = tl.load(row + 3)
+    out = tl.load(row + 10).to(tl.pointer_type(ACC)) + b * tl.load(row + 11)
     low = tl.full([BLOCK], float("inf"), ACC)
     high = tl.full([BLOCK], float("-inf"), ACC)
     for start in range(0, hw, BLOCK):
@@ -142,6 +139,11 @@ def _check(activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> torch.
     return first.dtype
 
 
+def _one_pixel_stride(x: Tensor) -> Tensor:
+    """``x`` itself if pixel (u, v) sits at ``(u * w + v) * stride(3)`` in each channel, else a contiguous copy."""
+    return x if x.shape[2] == 1 or x.stride(2) == x.shape[3] * x.stride(3) else x.contiguous()
+
+
 def layer_maps(activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> LayerMaps:
     """Triton twin of :func:`wcam.kernels.layer_maps`: the same :class:`LayerMaps`, computed in 3 launches."""
     dtype = _check(activations, gradients)
@@ -158,12 +160,14 @@ def layer_maps(activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> La
         for k, index in enumerate(indices):
             outputs[index] = (maps, k * h * w)
     rows, channel_items, pixel_items = [], [], []
+    readable = [(_one_pixel_stride(a), _one_pixel_stride(g)) for a, g in zip(activations, gradients)]  # alive until launched
     offset = 0
-    for index, (a, g) in enumerate(zip(activations, gradients)):
+    for index, (a, g) in enumerate(readable):
         _, c, h, w = a.shape
         maps, start = outputs[index]
-        rows.append([a.data_ptr(), g.data_ptr(), c, h, w, *a.stride(), *g.stride(),
-                     maps.data_ptr() + start * maps.element_size(), maps.stride(0), offset])
+        rows.append([a.data_ptr(), g.data_ptr(), c, h * w, a.stride(0), a.stride(1), a.stride(3),
+                     g.stride(0), g.stride(1), g.stride(3), maps.data_ptr() + start * maps.element_size(),
+                     maps.stride(0), offset])
         channel_items += [(index, k) for k in range(0, c, BLOCK_C)]
         pixel_items += [(index, p) for p in range(0, h * w, BLOCK_HW)]
         offset += c

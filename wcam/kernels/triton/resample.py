@@ -37,7 +37,7 @@ def _sample(src, h, w, y, x, out_h, out_w, m, NEAREST: tl.constexpr):
     if NEAREST:
         sy = tl.minimum((y.to(tl.float32) * (h.to(tl.float32) / out_h.to(tl.float32))).to(tl.int64), h - 1)
         sx = tl.minimum((x.to(tl.float32) * (w.to(tl.float32) / out_w.to(tl.float32))).to(tl.int64), w - 1)
-        return tl.load(src + sy * w + sx, mask=m, other=0.0)
+        value = tl.load(src + sy * w + sx, mask=m, other=0.0)
     else:
         acc = src.dtype.element_ty
         fy = tl.maximum((y.to(acc) + 0.5) * (h.to(acc) / out_h.to(acc)) - 0.5, 0.0)
@@ -50,10 +50,11 @@ def _sample(src, h, w, y, x, out_h, out_w, m, NEAREST: tl.constexpr):
         lx = fx - x0.to(acc)
         top = (1.0 - lx) * tl.load(src + y0 * w + x0, mask=m, other=0.0) + lx * tl.load(src + y0 * w + x1, mask=m, other=0.0)
         bottom = (1.0 - lx) * tl.load(src + y1 * w + x0, mask=m, other=0.0) + lx * tl.load(src + y1 * w + x1, mask=m, other=0.0)
-        return (1.0 - ly) * top + ly * bottom
+        value = (1.0 - ly) * top + ly * bottom
+    return value
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_layers", "star_h", "star_w"])
 def _star_kernel(table, num_rows, weights, num_layers, star, star_h, star_w, stats,
                  NEAREST: tl.constexpr, BLOCK: tl.constexpr):
     """S*[b] on the program's pixels: the weighted sum of every listed layer map resampled to (h*, w*)."""
@@ -77,7 +78,7 @@ def _star_kernel(table, num_rows, weights, num_layers, star, star_h, star_w, sta
         tl.store(stats + 2 * b + 1, float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["star_h", "star_w", "out_h", "out_w"])
 def _upsample_kernel(star, star_h, star_w, sums, out_h, out_w, stats, WRITE: tl.constexpr,
                      NEAREST: tl.constexpr, BLOCK: tl.constexpr):
     """S = R(S*) on the program's output pixels: written if WRITE, and reduced into the image's min/max."""
@@ -92,7 +93,7 @@ def _upsample_kernel(star, star_h, star_w, sums, out_h, out_w, stats, WRITE: tl.
     tl.atomic_max(stats + 2 * b + 1, tl.max(tl.where(m, v, float("-inf")), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["star_h", "star_w", "out_h", "out_w", "alpha"])
 def _render_kernel(star, star_h, star_w, out_h, out_w, stats, heat, frames, lut, alpha, BLEND: tl.constexpr,
                    NEAREST: tl.constexpr, BLOCK: tl.constexpr):
     """The normalised heatmap on the program's output pixels, or (BLEND) the frame with it blended in."""

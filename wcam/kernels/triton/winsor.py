@@ -21,7 +21,7 @@ from wcam.kernels.winsor import check_percentile
 BLOCK_J = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_layers"])
 def _winsor_kernel(scores, mask, q, weights, num_layers, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr):
     """weights[b, :] from scores[b, :] (>= 0), the layer mask (int8) and q = p / 100 (fp64)."""
     b = tl.program_id(0).to(tl.int64)
