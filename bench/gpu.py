@@ -215,6 +215,63 @@ def time_kernels(report: Report, args, device: torch.device, clock: Clock, copy_
             report.save()
 
 
+SWEEP = [(32, 64, 32, 64, 4), (16, 128, 16, 128, 4), (8, 256, 32, 64, 4), (64, 64, 64, 64, 8),
+         (32, 128, 32, 128, 8), (4, 512, 16, 128, 4), (8, 256, 16, 256, 8)]
+
+
+def profile_kernels(report: Report, args, device: torch.device, clock: Clock) -> None:
+    """Device time per kernel (torch.profiler), host time per call, and a tile-size sweep of the layer maps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from wcam.kernels.triton import layer_maps as maps_op
+
+    report.line()
+    report.line("## 2b. Where the Triton CAM time goes (resnet50)")
+    kernels = TritonKernels()
+    size = (args.size, args.size)
+    for label in args.profile_dtypes:
+        model = model_for("resnet50", DTYPES[label], device)
+        layers = Engine(model, kernels="torch").layers
+        for batch in (1, args.batches[-1]):
+            if clock.left() < args.reserve:
+                return
+            images = torch.randn(batch, 3, *size, device=device, dtype=DTYPES[label])
+            acts, grads = capture(model, layers, images)
+            cam_maths(kernels, acts, grads, size)
+            clock.sync()
+            started = time.perf_counter()
+            for _ in range(10):
+                cam_maths(kernels, acts, grads, size)
+            host = (time.perf_counter() - started) / 10
+            clock.sync()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                for _ in range(5):
+                    cam_maths(kernels, acts, grads, size)
+                clock.sync()
+            events = [(getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0), e.key, e.count)
+                      for e in prof.key_averages()]
+            events = sorted((e for e in events if e[0] > 0), reverse=True)[:10]
+            report.line(f"{label} batch {batch}: host time per call {host * 1e3:.2f} ms (launches only, no sync); "
+                        "device time per call by kernel: "
+                        + "; ".join(f"{key[:40]} {total / 5:.0f} us" for total, key, _ in events))
+            report.records.append({"section": "profile", "dtype": label, "batch": batch, "host_s": host,
+                                   "device_us": {key: total / 5 for total, key, _ in events}})
+            if batch == args.batches[-1]:
+                report.table(["weights c x hw", "map c x hw", "warps", "layer maps ms", "GB/s"])
+                nbytes = sum(a.numel() * a.element_size() * 2 for a in acts)
+                for wc, whw, mc, mhw, warps in SWEEP[: args.sweep]:
+                    blocks = maps_op.Blocks(wc, whw, mc, mhw, 256, warps)
+                    t = clock.compare({"maps": lambda: maps_op.layer_maps(acts, grads, blocks)}, rounds=3, inner=5)
+                    report.row([f"{wc}x{whw}", f"{mc}x{mhw}", warps, f"{t['maps'] * 1e3:.2f}",
+                                f"{nbytes / t['maps'] / 1e9:.0f}"],
+                               section="sweep", dtype=label, batch=batch, blocks=[wc, whw, mc, mhw, warps],
+                               seconds=t["maps"])
+            del acts, grads, images
+        del model
+        report.save()
+
+
 def time_end_to_end(report: Report, args, device: torch.device, clock: Clock, backends: list[tuple[str, str, str]],
                     title: str) -> None:
     """``backends``: (backend, kernels, dtype) rows."""
@@ -311,16 +368,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
     parser.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run")
     parser.add_argument("--smoke", action="store_true", help="tiny inputs on the CPU, Triton interpreted")
+    parser.add_argument("--only", nargs="+", help="run only these sections (check kernels profile e2e video "
+                        "onnxruntime compiled)")
     args = parser.parse_args()
     args.reserve = 15.0
     if args.smoke:
         device = torch.device("cpu")
         args.models, args.size, args.batches, args.check_batch, args.rounds = ["resnet50"], 64, [1, 2], 1, 1
-        args.compiled_dtypes, args.frame, args.video_batches = [], (72, 128), [1]
+        args.compiled_dtypes, args.frame, args.video_batches = ["fp32"], (72, 128), [1]
+        args.profile_dtypes, args.sweep = ["fp32"], 2
     else:
         device = torch.device("cuda")
         args.models, args.size, args.batches, args.check_batch, args.rounds = ["resnet50", "densenet121"], 224, [1, 8, 64], 8, 7
         args.compiled_dtypes, args.frame, args.video_batches = ["bf16"], (1080, 1920), [1, 8]
+        args.profile_dtypes, args.sweep = list(DTYPES), len(SWEEP)
     clock = Clock(device, args.budget)
     report = Report(args.out)
     report.line("# wcam GPU benchmark")
@@ -333,6 +394,7 @@ def main() -> None:
     sections: list[tuple[str, Callable[[], None]]] = [
         ("check", lambda: check_kernels(report, args, device)),
         ("kernels", lambda: time_kernels(report, args, device, clock, copy_bandwidth(clock, device, 8 if args.smoke else 1024))),
+        ("profile", lambda: profile_kernels(report, args, device, clock)),
         ("e2e", lambda: time_end_to_end(
             report, args, device, clock, [("eager", "auto", "fp32"), ("eager", "auto", "bf16"), ("eager", "torch", "bf16")],
             "## 3. End to end: uint8 frames in, heatmaps out (eager torch backbone)")),
@@ -343,6 +405,8 @@ def main() -> None:
             "## 6. End to end, compiled backbone (torch.compile, Inductor; compile time reported below)")),
     ]
     for name, section in sections:
+        if args.only and name not in args.only:
+            continue
         try:
             section()
         except Exception as exc:  # one broken section must not hide the others' numbers

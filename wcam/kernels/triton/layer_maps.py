@@ -16,8 +16,10 @@ so a launch's grid is the total number of channel or pixel blocks over all layer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,16 +27,26 @@ import triton
 import triton.language as tl
 
 from wcam.kernels.layer_maps import LayerMaps
-from wcam.kernels.triton.tables import accumulator, triton_type, upload
+from wcam.kernels.triton.tables import accumulator, triton_type, upload, work_items
 
 # One row of the layer table, as the kernels read it: 0 activation address, 1 gradient address, 2 channels,
 # 3 pixels (h * w), 4-6 activation strides (batch, channel, pixel), 7-9 gradient strides, 10 output map
 # address, 11 output batch stride, 12 the layer's first column in the alpha buffer.
 _FIELDS = 13
 
-BLOCK_C = 32
-BLOCK_HW = 64
-BLOCK_NORM = 256
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes: channels x pixels per step of the channel-weight and the map kernels, pixels per step of
+    the normalisation, and warps per program."""
+
+    weights_c: int = 32
+    weights_hw: int = 64
+    map_c: int = 32
+    map_hw: int = 64
+    norm: int = 256
+    warps: int = 4
 
 
 @triton.jit(do_not_specialize=["alpha_stride"])
@@ -144,45 +156,41 @@ def _one_pixel_stride(x: Tensor) -> Tensor:
     return x if x.shape[2] == 1 or x.stride(2) == x.shape[3] * x.stride(3) else x.contiguous()
 
 
-def layer_maps(activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> LayerMaps:
+def layer_maps(activations: Sequence[Tensor], gradients: Sequence[Tensor], blocks: Blocks = Blocks()) -> LayerMaps:
     """Triton twin of :func:`wcam.kernels.layer_maps`: the same :class:`LayerMaps`, computed in 3 launches."""
     dtype = _check(activations, gradients)
     acc = accumulator(dtype)
     batch, device = activations[0].shape[0], activations[0].device
+    readable = [(_one_pixel_stride(a), _one_pixel_stride(g)) for a, g in zip(activations, gradients)]  # alive until launched
     members: dict[tuple[int, int], list[int]] = {}
-    for index, a in enumerate(activations):
+    for index, (a, _) in enumerate(readable):
         members.setdefault(tuple(a.shape[-2:]), []).append(index)
-    outputs: list[tuple[Tensor, int]] = [None] * len(activations)  # type: ignore[list-item]
+    rows = np.empty((len(readable), _FIELDS), dtype=np.int64)
     groups = {}
     for (h, w), indices in members.items():
         maps = torch.empty((batch, len(indices), h, w), dtype=acc, device=device)
         groups[(h, w)] = (indices, maps)
-        for k, index in enumerate(indices):
-            outputs[index] = (maps, k * h * w)
-    rows, channel_items, pixel_items = [], [], []
-    readable = [(_one_pixel_stride(a), _one_pixel_stride(g)) for a, g in zip(activations, gradients)]  # alive until launched
-    offset = 0
+        rows[indices, 10] = maps.data_ptr() + np.arange(len(indices)) * (h * w * maps.element_size())
+        rows[indices, 11] = maps.stride(0)
     for index, (a, g) in enumerate(readable):
-        _, c, h, w = a.shape
-        maps, start = outputs[index]
-        rows.append([a.data_ptr(), g.data_ptr(), c, h * w, a.stride(0), a.stride(1), a.stride(3),
-                     g.stride(0), g.stride(1), g.stride(3), maps.data_ptr() + start * maps.element_size(),
-                     maps.stride(0), offset])
-        channel_items += [(index, k) for k in range(0, c, BLOCK_C)]
-        pixel_items += [(index, p) for p in range(0, h * w, BLOCK_HW)]
-        offset += c
-    packed = upload([*rows, *channel_items, *pixel_items], device)
-    table = packed[: _FIELDS * len(rows)]
-    channel_work = packed[table.numel() : table.numel() + 2 * len(channel_items)]
-    pixel_work = packed[table.numel() + channel_work.numel() :]
-    alpha = torch.empty((batch, offset), dtype=acc, device=device)
+        rows[index, :10] = (a.data_ptr(), g.data_ptr(), a.shape[1], a.shape[2] * a.shape[3], a.stride(0),
+                            a.stride(1), a.stride(3), g.stride(0), g.stride(1), g.stride(3))
+    rows[:, 12] = np.cumsum(rows[:, 2]) - rows[:, 2]  # each layer's first column in alpha
+    channel_items = work_items(rows[:, 2], blocks.weights_c)
+    pixel_items = work_items(rows[:, 3], blocks.map_hw)
+    table, channel_work, pixel_work = upload([rows, channel_items, pixel_items], device)
+    width = int(rows[:, 2].sum())
+    alpha = torch.empty((batch, width), dtype=acc, device=device)
     scores = torch.empty((batch, len(rows)), dtype=acc, device=device)
     dt = triton_type(dtype)
     _channel_weights_kernel[(len(channel_items), batch)](
-        table, channel_work, alpha, offset, DT=dt, FIELDS=_FIELDS, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW
+        table, channel_work, alpha, width, DT=dt, FIELDS=_FIELDS, BLOCK_C=blocks.weights_c,
+        BLOCK_HW=blocks.weights_hw, num_warps=blocks.warps,
     )
     _layer_cam_kernel[(len(pixel_items), batch)](
-        table, pixel_work, alpha, offset, scores, len(rows), DT=dt, FIELDS=_FIELDS, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW
+        table, pixel_work, alpha, width, scores, len(rows), DT=dt, FIELDS=_FIELDS, BLOCK_C=blocks.map_c,
+        BLOCK_HW=blocks.map_hw, num_warps=blocks.warps,
     )
-    _normalize_kernel[(len(rows), batch)](table, ACC=triton_type(acc), FIELDS=_FIELDS, BLOCK=BLOCK_NORM)
+    _normalize_kernel[(len(rows), batch)](table, ACC=triton_type(acc), FIELDS=_FIELDS, BLOCK=blocks.norm,
+                                          num_warps=blocks.warps)
     return LayerMaps(groups=groups, scores=scores)

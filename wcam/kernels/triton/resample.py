@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -138,16 +139,17 @@ def star_sum(
     batch, dtype, device = first.shape[0], first.dtype, first.device
     rows = []
     for (h, w), indices, maps in groups:
-        if maps.dtype != dtype or maps.shape[0] != batch or not maps[0, 0].is_contiguous():
+        if maps.dtype != dtype or maps.shape[0] != batch or maps.stride()[1:] != (h * w, w, 1):
             raise ValueError("layer maps must share dtype and batch, each h x w map contiguous")
-        for k, index in enumerate(indices):
-            rows.append([maps[:, k].data_ptr(), maps.stride(0), h, w, index])
-    table = upload(rows, device)
+        address = maps.data_ptr() + np.arange(len(indices), dtype=np.int64) * (h * w * maps.element_size())
+        rows.append(np.stack([address, np.full_like(address, maps.stride(0)), np.full_like(address, h),
+                              np.full_like(address, w), np.asarray(indices, dtype=np.int64)], axis=1))
+    (table,) = upload([np.concatenate(rows)], device)
     star = torch.empty((batch, star_h, star_w), dtype=dtype, device=device)
     stats = torch.empty((batch, 2), dtype=dtype, device=device)
     grid = (triton.cdiv(star_h * star_w, BLOCK), batch)
     _star_kernel[grid](
-        table, len(rows), weights.to(dtype).contiguous(), weights.shape[1], star, star_h, star_w, stats,
+        table, table.numel() // 5, weights.to(dtype).contiguous(), weights.shape[1], star, star_h, star_w, stats,
         NEAREST=nearest, BLOCK=BLOCK,
     )
     return star, stats

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,15 +29,25 @@ def accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def upload(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
-    """Concatenate integer rows into one int64 tensor on ``device`` with one host-to-device copy.
+def work_items(sizes: np.ndarray, block: int) -> np.ndarray:
+    """``n x 2`` rows ``(layer, start)``: one per block of ``block`` elements of each layer's ``sizes[l]``."""
+    counts = -(-sizes // block)
+    layer = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.stack([layer, (np.arange(int(counts.sum()), dtype=np.int64) - first) * block], axis=1)
 
-    On CUDA the table is staged in pinned memory and copied asynchronously, so building it does not wait for
-    the work already queued (the backward pass); torch's pinned allocator keeps the staging buffer alive
-    until the copy has run.
+
+def upload(parts: list[np.ndarray], device: torch.device) -> list[Tensor]:
+    """int64 arrays to ``device`` with one host-to-device copy; returns one flat tensor view per array.
+
+    On CUDA the data are staged in pinned memory and copied asynchronously, so building the tables does not
+    wait for the work already queued (the backward pass); torch's pinned allocator keeps the staging buffer
+    alive until the copy has run.
     """
-    flat = [int(v) for row in rows for v in row]
-    if device.type != "cuda":
-        return torch.tensor(flat, dtype=torch.int64, device=device)
-    staged = torch.tensor(flat, dtype=torch.int64).pin_memory()
-    return staged.to(device, non_blocking=True)
+    flat = torch.from_numpy(np.concatenate([np.ascontiguousarray(p, dtype=np.int64).ravel() for p in parts]))
+    on_device = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+    views, start = [], 0
+    for part in parts:
+        views.append(on_device[start : start + part.size])
+        start += part.size
+    return views
