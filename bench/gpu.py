@@ -215,8 +215,7 @@ def time_kernels(report: Report, args, device: torch.device, clock: Clock, copy_
             report.save()
 
 
-SWEEP = [(32, 64, 32, 64, 4), (16, 128, 16, 128, 4), (8, 256, 32, 64, 4), (64, 64, 64, 64, 8),
-         (32, 128, 32, 128, 8), (4, 512, 16, 128, 4), (8, 256, 16, 256, 8)]
+SWEEP = [(8, 256, 16, 256, 8), (32, 64, 32, 64, 4), (16, 128, 16, 128, 4), (4, 512, 16, 128, 4), (8, 512, 8, 512, 8)]
 
 
 def profile_kernels(report: Report, args, device: torch.device, clock: Clock) -> None:

@@ -15,6 +15,7 @@ from wcam.engine.runner import BackboneResult, check_logits, graph_targets
 from wcam.export.joint import trace_joint
 from wcam.kernels import group_maps
 from wcam.kernels.dispatch import TorchKernels
+from wcam.kernels.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class CompiledRunner:
         compiled, classes, key, fresh = self._get(layers, images)
         chosen = graph_targets(targets, images.shape[0], classes)
         started = time.perf_counter()
-        outputs = compiled(images, chosen.to(images.device))
+        outputs = compiled(images, to_device(chosen, images.device))
         if fresh:
             self.compile_seconds[key] += time.perf_counter() - started
             logger.info("compiled %d layers at %s in %.1f s", len(layers), key[1], self.compile_seconds[key])

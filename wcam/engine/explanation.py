@@ -11,6 +11,7 @@ from torch import Tensor
 from wcam.engine.layers import select_layers
 from wcam.kernels import LayerMaps
 from wcam.kernels.dispatch import TorchKernels
+from wcam.kernels.transfer import to_device
 
 METHODS = ("winsor", "gradcam", "layer_mean")
 
@@ -34,7 +35,7 @@ def combine(
     scores = maps.scores
     mask = torch.zeros(maps.num_layers, dtype=torch.bool)
     mask[list(selected)] = True
-    mask = mask.to(scores.device)
+    mask = to_device(mask, scores.device)
     if method == "winsor":
         weights = kernels.winsor_weights(scores, p, mask)
     elif method == "layer_mean":

@@ -14,6 +14,7 @@ from torch import Tensor
 from wcam.engine.runner import BackboneResult, check_logits, graph_targets
 from wcam.export.onnx_graph import GraphInfo, OnnxFormatError, activation_name, gradient_name, read_info, require
 from wcam.kernels.dispatch import TorchKernels
+from wcam.kernels.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class OnnxRunner:
         chosen = graph_targets(targets, images.shape[0], self.info.num_classes)
         names = ["logits", "targets_used", *map(activation_name, layers), *map(gradient_name, layers)]
         if images.is_cuda and "CUDAExecutionProvider" in self.session.get_providers():
-            values = self._run_bound(images.contiguous(), chosen.to(images.device), names)
+            values = self._run_bound(images.contiguous(), to_device(chosen, images.device), names)
         else:
             arrays = self.session.run(names, {"images": images.detach().cpu().numpy(), "targets": chosen.numpy()})
             values = [torch.from_numpy(a) for a in arrays]

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wcam.kernels.transfer import to_device
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -57,8 +59,8 @@ class Preprocess:
         x = pictures.to(device=device, dtype=work).div_(255.0)
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
-        mean = torch.tensor(self.mean, device=device, dtype=work).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device, dtype=work).view(1, 3, 1, 1)
+        mean = to_device(torch.tensor(self.mean, dtype=work).view(1, 3, 1, 1), device)
+        std = to_device(torch.tensor(self.std, dtype=work).view(1, 3, 1, 1), device)
         return ((x - mean) / std).to(dtype).contiguous()
 
 

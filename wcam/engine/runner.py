@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from wcam.engine.capture import LayerCapture
 from wcam.kernels import LayerMaps, channel_cam, group_maps
 from wcam.kernels.dispatch import TorchKernels
+from wcam.kernels.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class EagerRunner:
                 )
             check_logits(logits)
             chosen = check_targets(targets, *logits.shape)
-            chosen = logits.detach().argmax(dim=1) if chosen is None else chosen.to(logits.device)
+            chosen = logits.detach().argmax(dim=1) if chosen is None else to_device(chosen, logits.device)
             activations = capture.collect()
             overwritten = capture.overwritten()
             if overwritten:

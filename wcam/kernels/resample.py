@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wcam.kernels.transfer import to_device
+
 INTERPOLATIONS = ("bilinear", "nearest")
 
 
@@ -54,7 +56,7 @@ def weighted_sum(
     star = (max(size[0] for size, _, _ in groups), max(size[1] for size, _, _ in groups))
     total: Tensor | None = None
     for _, indices, maps in groups:
-        index = torch.as_tensor(indices, device=weights.device)
+        index = to_device(torch.as_tensor(indices), weights.device)
         native = torch.einsum("bl,blhw->bhw", weights.index_select(1, index).to(maps.dtype), maps)
         part = resample(native, star, interpolation)
         total = part if total is None else total + part

@@ -8,6 +8,8 @@ from torch import Tensor
 
 import triton.language as tl
 
+from wcam.kernels.transfer import to_device
+
 TRITON_TYPES = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
@@ -38,14 +40,10 @@ def work_items(sizes: np.ndarray, block: int) -> np.ndarray:
 
 
 def upload(parts: list[np.ndarray], device: torch.device) -> list[Tensor]:
-    """int64 arrays to ``device`` with one host-to-device copy; returns one flat tensor view per array.
-
-    On CUDA the data are staged in pinned memory and copied asynchronously, so building the tables does not
-    wait for the work already queued (the backward pass); torch's pinned allocator keeps the staging buffer
-    alive until the copy has run.
-    """
+    """int64 arrays to ``device`` with one host-to-device copy (see :func:`wcam.kernels.transfer.to_device`);
+    returns one flat tensor view per array."""
     flat = torch.from_numpy(np.concatenate([np.ascontiguousarray(p, dtype=np.int64).ravel() for p in parts]))
-    on_device = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+    on_device = to_device(flat, device)
     views, start = [], 0
     for part in parts:
         views.append(on_device[start : start + part.size])
