@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_explain(commands, [common])
     _add_export(commands, [common])
+    from wcam.video.command import add_video
+
+    add_video(commands, [common])
     return parser
 
 
@@ -284,10 +287,12 @@ def _reason(exc: BaseException) -> str:
 
 
 class _Progress:
-    """A one-line ``[####----] 8/20 images`` bar on stderr, redrawn with carriage returns (TTY only)."""
+    """A one-line ``[####----] 8/20 images 3.1/s`` bar on stderr, redrawn with carriage returns (TTY only);
+    without a known total, just the count and the rate."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, unit: str = "images") -> None:
         self.total = total
+        self.unit = unit
         self.enabled = enabled and sys.stderr.isatty()
         self.done = 0
         self.start = time.perf_counter()
@@ -296,10 +301,14 @@ class _Progress:
         self.done += count
         if not self.enabled:
             return
-        width = 24
-        filled = width * self.done // max(self.total, 1)
         rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        sys.stderr.write(f"\r[{'#' * filled}{'-' * (width - filled)}] {self.done}/{self.total} images {rate:.1f}/s")
+        if self.total:
+            width = 24
+            filled = min(width, width * self.done // self.total)
+            bar = f"[{'#' * filled}{'-' * (width - filled)}] {self.done}/{self.total}"
+        else:
+            bar = str(self.done)
+        sys.stderr.write(f"\r{bar} {self.unit} {rate:.1f}/s")
         sys.stderr.flush()
 
     def clear(self) -> None:

@@ -1,4 +1,4 @@
-"""Heatmap colouring and blending over photos, in plain numpy (no matplotlib).
+"""Heatmap colouring and blending over photos (no matplotlib); the blend itself is :func:`wcam.kernels.blend.blend`.
 
 The colormap is Google's "Turbo" (Mikhailov, 2019), evaluated from Ruofei Du's published degree-5
 polynomial approximation (Apache-2.0) into a 256-entry uint8 lookup table: perceptually smoother than
@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+
+from wcam.kernels.blend import blend
 
 # Turbo polynomial coefficients for x^0..x^5, one row per channel (R, G, B).
 _TURBO_COEFFS = np.array(
@@ -36,7 +39,7 @@ TURBO_LUT.setflags(write=False)
 
 def _as_heatmap(heatmap: Any) -> np.ndarray:
     """A 2-D float64 numpy copy of a numpy array or torch tensor (detached, on the CPU)."""
-    if hasattr(heatmap, "detach"):  # torch.Tensor, without importing torch here
+    if isinstance(heatmap, torch.Tensor):
         heatmap = heatmap.detach().cpu().numpy()
     array = np.asarray(heatmap, dtype=np.float64)
     if array.ndim != 2:
@@ -50,7 +53,7 @@ def colorize(heatmap: Any) -> np.ndarray:
     Values outside [0, 1] are clipped and NaN is treated as 0, so a stray value never breaks a picture.
     """
     values = np.nan_to_num(_as_heatmap(heatmap), nan=0.0, posinf=1.0, neginf=0.0)
-    index = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.intp)
+    index = np.floor(np.clip(values, 0.0, 1.0) * 255.0 + 0.5).astype(np.intp)  # half up, as the kernels
     return TURBO_LUT[index]
 
 
@@ -67,6 +70,5 @@ def overlay(image: np.ndarray, heatmap: Any, alpha: float = 0.5) -> np.ndarray:
     heat = _as_heatmap(heatmap)
     if heat.shape != image.shape[:2]:
         raise ValueError(f"heatmap shape {heat.shape} does not match the image's height x width {image.shape[:2]}")
-    colour = colorize(heat)
-    blended = (1.0 - float(alpha)) * image.astype(np.float32) + float(alpha) * colour.astype(np.float32)
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    frames = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0)
+    return blend(torch.from_numpy(heat).unsqueeze(0), frames, float(alpha), torch.from_numpy(TURBO_LUT.copy()))[0].numpy()

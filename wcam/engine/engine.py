@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -184,3 +184,59 @@ class Engine:
             image_sizes=sizes,
             kernels=self.kernels,
         )
+
+    def explain_stream(
+        self,
+        frames: Iterable[Any],
+        batch_size: int = 8,
+        p: float = 90.0,
+        method: str = "winsor",
+        layers: Sequence[str] | None = None,
+        targets: Any = None,
+    ) -> Iterator[Explanation]:
+        """Explain a stream of frames (uint8 ``H x W x 3`` arrays, uint8 ``3 x H x W`` tensors, PIL images or
+        normalised float tensors), yielding one single-image :class:`Explanation` per frame, in order.
+
+        Frames are explained ``batch_size`` at a time (equal-sized uint8 frames are stacked and resized as
+        one batch on the engine's device), so at most ``batch_size`` frames are held; an endless iterable
+        gives an endless stream. ``targets``: one class for every frame, or None for each frame's argmax.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if targets is not None and not isinstance(targets, int):
+            raise TypeError(f"targets for a stream must be one int class (or None), got {type(targets).__name__}")
+        check_percentile(p)
+        pending: list[Any] = []
+        for frame in frames:
+            pending.append(frame)
+            if len(pending) == batch_size:
+                yield from self._explain_frames(pending, targets, p, method, layers)
+                pending = []
+        if pending:
+            yield from self._explain_frames(pending, targets, p, method, layers)
+
+    def _explain_frames(
+        self, frames: list[Any], targets: Any, p: float, method: str, layers: Sequence[str] | None
+    ) -> Iterator[Explanation]:
+        explanation = self.explain(_stack_frames(frames), targets=targets, p=p, method=method, layers=layers)
+        for i in range(len(explanation)):
+            yield explanation.image(i)
+
+
+def _stack_frames(frames: list[Any]) -> Any:
+    """Equal-sized uint8 ``H x W x 3`` numpy frames as one ``B x 3 x H x W`` tensor (resized in one call);
+    anything else as the list it is."""
+    import numpy as np
+
+    first = frames[0]
+    if (
+        isinstance(first, np.ndarray)
+        and first.dtype == np.uint8
+        and first.ndim == 3
+        and first.shape[2] == 3
+        and all(isinstance(f, np.ndarray) and f.shape == first.shape and f.dtype == np.uint8 for f in frames)
+    ):
+        return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
+    if isinstance(first, torch.Tensor) and first.dtype.is_floating_point and first.dim() == 4:
+        return torch.cat(frames)
+    return frames

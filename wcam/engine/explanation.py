@@ -117,6 +117,34 @@ class Explanation:
             kernels=kernels,
         )
 
+    def __len__(self) -> int:
+        return self.heatmaps.shape[0]
+
+    def image(self, index: int) -> "Explanation":
+        """Image ``index`` alone, as a batch of one (views of this explanation's tensors, no copies)."""
+        i = range(len(self))[index]
+        maps = LayerMaps(
+            groups={size: (indices, m[i : i + 1]) for size, (indices, m) in self.layer_maps.groups.items()},
+            scores=self.layer_maps.scores[i : i + 1],
+        )
+        return Explanation(
+            heatmaps=self.heatmaps[i : i + 1],
+            sums=self.sums[i : i + 1],
+            logits=self.logits[i : i + 1],
+            targets=self.targets[i : i + 1],
+            layer_names=self.layer_names,
+            layer_scores=self.layer_scores[i : i + 1],
+            layer_weights=self.layer_weights[i : i + 1],
+            method=self.method,
+            p=self.p,
+            interpolation=self.interpolation,
+            image_sizes=[self.image_sizes[i]],
+            layer_maps=maps,
+            sums_at_layer_size=self.sums_at_layer_size[i : i + 1],
+            selected_layers=self.selected_layers,
+            kernels=self.kernels,
+        )
+
     @property
     def probabilities(self) -> Tensor:
         """Softmax of the logits (B x K)."""

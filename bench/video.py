@@ -1,0 +1,85 @@
+"""End-to-end frames/s of ``wcam video``: ``python bench/video.py [--model efficientnet_lite0] [--every 1 2 3]``.
+
+Makes a 10-second 1920 x 1080 clip at 30 frames/s (a textured object moving over a textured background,
+encoded once with libx264 ultrafast), then runs the whole pipeline on it (decode, explain, blend at 1080p,
+encode H.264) for each ``--every``, and prints frames/s end to end and each stage's busy seconds. Stages run
+in parallel threads, so the wall time is set by the slowest stage, not by their sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wcam import Engine  # noqa: E402
+from wcam.video import VideoOptions, explain_video  # noqa: E402
+
+
+def make_clip(path: Path, seconds: float, fps: int, size: tuple[int, int]) -> int:
+    """Write the benchmark clip; returns its frame count."""
+    height, width = size
+    rng = np.random.default_rng(0)
+    background = rng.integers(0, 140, size=(height, width, 3), dtype=np.uint8)
+    texture = rng.integers(120, 256, size=(height // 4, width // 8, 3), dtype=np.uint8)
+    count = int(seconds * fps)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(count):
+            image = background.copy()
+            x = (i * 11) % (width - texture.shape[1])
+            image[height // 3 : height // 3 + texture.shape[0], x : x + texture.shape[1]] = texture
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--every", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--size", default="1920x1080", help="clip WxH")
+    parser.add_argument("--preset", default="veryfast")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    width, height = map(int, args.size.split("x"))
+    engine = Engine.from_name(args.model, weights="DEFAULT" if args.model == "efficientnet_lite0" else None,
+                              device=args.device)
+    print(f"{time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+          f"threads; device {args.device}; torch {torch.__version__}; PyAV {av.__version__}; model {args.model}; "
+          f"kernels {engine.kernels.name}")
+    with tempfile.TemporaryDirectory() as folder:
+        clip = Path(folder) / "clip.mp4"
+        started = time.perf_counter()
+        count = make_clip(clip, args.seconds, 30, (height, width))
+        print(f"clip: {count} frames, {width}x{height}, 30 frames/s, made in {time.perf_counter() - started:.1f} s")
+        print("| every | batch | frames | explained | wall s | frames/s | decode s | explain s | encode s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for every in args.every:
+            options = VideoOptions(batch_size=args.batch, every=every, preset=args.preset)
+            summary = explain_video(engine, str(clip), Path(folder) / f"out{every}.mp4", options)
+            if summary.stopped:
+                raise SystemExit(f"the run stopped early: {summary.stopped}")
+            s = summary.seconds
+            print(f"| {every} | {args.batch} | {summary.frames} | {summary.explained} | {summary.wall:.1f} | "
+                  f"{summary.frames / summary.wall:.1f} | {s['decode']:.1f} | {s['explain']:.1f} | {s['encode']:.1f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Video: ``Engine.explain_stream``, ``explain_video`` and ``wcam video`` on short clips the tests make with PyAV
+(a textured square moving over a textured background). The clips are small (96 x 64, a dozen frames) and the
+network a seeded random resnet18 at 64 x 64, so the point is the plumbing, not the pictures.
+
+Tolerances: heatmaps saved in the .npz are float16 (rounding 2^-11 ~ 5e-4 at 1.0), and a batch of frames and
+a single frame run slightly different conv algorithms (~1e-6): 2e-3. The overlays the pipeline hands to
+the encoder equal ``overlay(frame, engine.explain(frame).heatmap(0))`` to 1 level (rounding of values within
+~1e-6 of a step); after H.264 (lossy, libx264 at its default quality: 5.8 levels mean abs error measured on
+this noisy texture) each output frame must be closer to its own overlay than to any other frame's.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from wcam import Engine, Preprocess
+from wcam.cli import main
+from wcam.kernels.resample import normalize_maps
+from wcam.overlay import overlay
+from wcam.video import VideoOptions, explain_video
+from wcam.video.pipeline import FrameExplainer
+from wcam.video.sidecar import Sidecars
+
+SIZE = (64, 96)  # frame height, width
+FPS = 12
+
+
+def make_video(path: Path, count: int = 12, faststart: bool = False) -> list[np.ndarray]:
+    """Write a clip and return its frames as PyAV decodes them (the pixels the pipeline sees)."""
+    rng = np.random.default_rng(0)
+    background = rng.integers(0, 120, size=(*SIZE, 3), dtype=np.uint8)
+    texture = rng.integers(150, 256, size=(20, 20, 3), dtype=np.uint8)
+    container = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})
+    stream = container.add_stream("libx264", rate=FPS)
+    stream.width, stream.height, stream.pix_fmt = SIZE[1], SIZE[0], "yuv420p"
+    for i in range(count):
+        image = background.copy()
+        x = 4 + 5 * i % (SIZE[1] - 24)
+        image[22:42, x : x + 20] = texture
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame.pts = i
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+    container.close()
+    return decode(path)[0]
+
+
+def decode(path: Path) -> tuple[list[np.ndarray], list[float], Fraction]:
+    """The frames, their times in seconds and the stream's average frame rate."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames, times = [], []
+        for frame in container.decode(stream):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            times.append(float(frame.time))
+        return frames, times, stream.average_rate
+
+
+def npz_frames(path: Path) -> dict[int, np.ndarray]:
+    with np.load(path) as data:
+        return {int(name[len("frame_") :]): data[name].astype(np.float32) for name in data.files}
+
+
+@pytest.fixture(scope="module")
+def engine(seeded_models):
+    return Engine(seeded_models("resnet18"), preprocess=Preprocess(size=(64, 64)))
+
+
+def test_explain_stream_yields_one_explanation_per_frame_in_order(engine, tmp_path):
+    frames = make_video(tmp_path / "in.mp4", count=7)
+    results = list(engine.explain_stream(iter(frames), batch_size=3, p=70.0))
+    assert len(results) == 7
+    for frame, got in zip(frames, results):
+        single = engine.explain(frame, p=70.0)
+        assert got.image_sizes == [SIZE] and len(got) == 1
+        torch.testing.assert_close(got.heatmaps, single.heatmaps, rtol=0, atol=1e-5)
+        assert got.targets.tolist() == single.targets.tolist()
+        torch.testing.assert_close(got.heatmap(0), single.heatmap(0), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        next(engine.explain_stream(frames, batch_size=0))
+
+
+def test_output_keeps_frame_count_size_rate_and_timestamps(engine, tmp_path):
+    make_video(tmp_path / "in.mp4")
+    summary = explain_video(engine, str(tmp_path / "in.mp4"), tmp_path / "out.mp4", VideoOptions(batch_size=5))
+    assert summary.stopped is None and summary.frames == 12 and summary.explained == 12
+    _, in_times, in_rate = decode(tmp_path / "in.mp4")
+    out_frames, out_times, out_rate = decode(tmp_path / "out.mp4")
+    assert len(out_frames) == 12
+    assert out_frames[0].shape == (*SIZE, 3)
+    assert out_rate == in_rate == Fraction(FPS)
+    assert out_times == pytest.approx(in_times, abs=1e-6)
+    assert set(summary.seconds) == {"decode", "explain", "encode"}
+
+
+def test_each_frame_shows_its_own_heatmap(engine, tmp_path):
+    frames = make_video(tmp_path / "in.mp4")
+    options = VideoOptions(batch_size=4, npz=tmp_path / "heat.npz", jsonl=tmp_path / "frames.jsonl", alpha=0.6)
+    explain_video(engine, str(tmp_path / "in.mp4"), tmp_path / "out.mp4", options)
+    saved = npz_frames(tmp_path / "heat.npz")
+    records = [json.loads(line) for line in (tmp_path / "frames.jsonl").read_text().splitlines()]
+    assert sorted(saved) == list(range(12)) and [r["frame"] for r in records] == list(range(12))
+    out_frames = decode(tmp_path / "out.mp4")[0]
+    expected = []
+    for frame, record in zip(frames, records):
+        single = engine.explain(frame)
+        np.testing.assert_allclose(saved[record["frame"]], single.heatmaps[0].numpy(), rtol=0, atol=2e-3)
+        assert record["class"] == int(single.targets[0])
+        assert record["probability"] == pytest.approx(float(single.probabilities[0, record["class"]]), abs=1e-5)
+        x, y = record["center_of_mass"]
+        assert 0 <= x < SIZE[1] and 0 <= y < SIZE[0]
+        expected.append(overlay(frame, single.heatmap(0).numpy(), alpha=0.6).astype(np.float64))
+    for i, got in enumerate(out_frames):
+        errors = [np.abs(got.astype(np.float64) - e).mean() for e in expected]
+        assert errors[i] < 10.0 and int(np.argmin(errors)) == i, (i, errors)
+    # before encoding: the overlays themselves
+    stage = FrameExplainer(engine, VideoOptions(alpha=0.6), SIZE, Sidecars(None, None, None))
+    for (index, got, _), want in zip(stage.run([(i, f, i / FPS) for i, f in enumerate(frames[:5])]), expected):
+        assert np.abs(got.astype(np.int16) - want.astype(np.int16)).max() <= 1, index
+
+
+def test_every_reuses_the_last_heatmap(engine, tmp_path):
+    make_video(tmp_path / "in.mp4")
+    options = VideoOptions(batch_size=4, every=3, npz=tmp_path / "heat.npz", jsonl=tmp_path / "frames.jsonl")
+    summary = explain_video(engine, str(tmp_path / "in.mp4"), tmp_path / "out.mp4", options)
+    assert summary.frames == 12 and summary.explained == 4
+    records = [json.loads(line) for line in (tmp_path / "frames.jsonl").read_text().splitlines()]
+    assert [r["explained"] for r in records] == [i % 3 == 0 for i in range(12)]
+    saved = npz_frames(tmp_path / "heat.npz")
+    for i in range(12):
+        np.testing.assert_array_equal(saved[i], saved[i - i % 3])
+        assert records[i]["class"] == records[i - i % 3]["class"]
+    assert not np.array_equal(saved[0], saved[3])
+
+
+def test_smooth_is_an_exponential_moving_average(engine, tmp_path):
+    frames = make_video(tmp_path / "in.mp4", count=6)
+    options = VideoOptions(batch_size=4, smooth=0.6, npz=tmp_path / "heat.npz")
+    explain_video(engine, str(tmp_path / "in.mp4"), tmp_path / "out.mp4", options)
+    saved = npz_frames(tmp_path / "heat.npz")
+    average = None
+    for i, frame in enumerate(frames):
+        current = normalize_maps(engine.explain(frame).sums_at_layer_size)[0]
+        average = current if average is None else 0.6 * average + 0.4 * current
+        expected = engine.kernels.render(average[None], (64, 64), "bilinear")[0]
+        np.testing.assert_allclose(saved[i], expected.numpy(), rtol=0, atol=2e-3, err_msg=f"frame {i}")
+    with pytest.raises(ValueError, match="smooth"):
+        VideoOptions(smooth=1.0)
+
+
+def test_ctrl_c_keeps_the_frames_explained_so_far(engine, tmp_path):
+    make_video(tmp_path / "in.mp4")
+
+    def interrupt(done: int) -> None:
+        if done == 6:
+            raise KeyboardInterrupt
+
+    summary = explain_video(engine, str(tmp_path / "in.mp4"), tmp_path / "out.mp4", VideoOptions(batch_size=3), interrupt)
+    assert summary.stopped == "interrupted at frame 6"  # after the second batch of 3 was handed on
+    assert summary.frames == 6
+    assert len(decode(tmp_path / "out.mp4")[0]) == summary.frames
+
+
+def test_cli_truncated_input_leaves_a_playable_prefix(tmp_path, capsys):
+    make_video(tmp_path / "whole.mp4", count=30, faststart=True)
+    data = (tmp_path / "whole.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: int(len(data) * 0.6)])
+    readable = 0
+    with av.open(str(tmp_path / "cut.mp4")) as container:
+        try:
+            for _ in container.decode(video=0):
+                readable += 1
+        except av.error.InvalidDataError:
+            pass
+    assert 0 < readable < 30
+    code = main(["video", str(tmp_path / "cut.mp4"), "-o", str(tmp_path / "out.mp4"), "--model", "resnet18",
+                 "--weights", "none", "--batch", "4"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"frame {readable}" in err and str(tmp_path / "out.mp4") in err
+    assert len(decode(tmp_path / "out.mp4")[0]) == readable
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["video", "missing.mp4", "-o", "out.mp4"], 1, "no such video"),
+        (["video", "{text}", "-o", "out.mp4", "--model", "resnet18", "--weights", "none"], 1, "cannot open"),
+        (["video", "{clip}", "-o", "out.mp4", "--every", "0"], 2, "every"),
+        (["video", "{clip}", "-o", "out.mp4", "--smooth", "1.5"], 2, "smooth"),
+        (["video", "{clip}", "-o", "no/such/dir/out.mp4", "--model", "resnet18", "--weights", "none"], 1, "cannot write"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, code, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.mp4").write_text("not a video")
+    make_video(tmp_path / "clip.mp4", count=2)
+    args = [a.format(text="notes.mp4", clip="clip.mp4") for a in args]
+    assert main(args) == code
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_writes_video_and_sidecars(tmp_path, capsys):
+    make_video(tmp_path / "in.mp4")
+    code = main(["video", str(tmp_path / "in.mp4"), "-o", str(tmp_path / "out.mp4"), "--model", "resnet18",
+                 "--weights", "none", "--every", "2", "--size", "48x32", "--jsonl", str(tmp_path / "f.jsonl"),
+                 "--npz", str(tmp_path / "h.npz")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "12 frames (6 explained)" in out and "decode" in out and "encode" in out
+    frames = decode(tmp_path / "out.mp4")[0]
+    assert len(frames) == 12 and frames[0].shape == (32, 48, 3)
+    assert len((tmp_path / "f.jsonl").read_text().splitlines()) == 12
+    assert len(zipfile.ZipFile(tmp_path / "h.npz").namelist()) == 12

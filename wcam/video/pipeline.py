@@ -1,0 +1,261 @@
+"""Explain a video frame by frame: decode, explain and encode run as three stages joined by bounded queues.
+
+The decoder (PyAV) and the encoder (PyAV, H.264) each run in a thread of their own, and the engine in the
+calling thread, so the slowest stage alone sets the rate and at most a few batches of frames are in memory
+on an endless stream. Whatever stops the run (the end of the input, a corrupt or truncated frame, Ctrl-C, an
+error in the engine) the encoder is flushed and the output file closed, so every frame explained so far
+stays playable.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wcam.engine.engine import Engine
+from wcam.kernels.resample import normalize_maps
+from wcam.kernels.transfer import to_device
+from wcam.overlay import TURBO_LUT
+from wcam.video.codec import Decoder, Encoder, VideoError
+from wcam.video.sidecar import Sidecars
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """What ``wcam video`` does to each frame.
+
+    ``every``: explain every N-th frame and reuse its heatmap for the frames between. ``smooth``: an
+    exponential moving average over the heatmaps, ``m_t = smooth * m_(t-1) + (1 - smooth) * h_t`` on the
+    normalised maps at the largest layer size (0 = off). ``size``: output ``(width, height)``, default the
+    input's. ``alpha``: heatmap opacity in the overlay.
+    """
+
+    p: float = 90.0
+    method: str = "winsor"
+    batch_size: int = 8
+    every: int = 1
+    smooth: float = 0.0
+    size: tuple[int, int] | None = None
+    alpha: float = 0.5
+    preset: str = "veryfast"
+    jsonl: Path | None = None
+    npz: Path | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"every must be a positive int, got {self.every!r}")
+        if not 0.0 <= self.smooth < 1.0:
+            raise ValueError(f"smooth must be in [0, 1), got {self.smooth!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch size must be a positive int, got {self.batch_size!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+
+
+@dataclass
+class VideoSummary:
+    """The outcome of a run: frames written, frames explained, busy seconds per stage, and the reason it
+    stopped early (None when the whole input was explained)."""
+
+    frames: int = 0
+    explained: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "explain": 0.0, "encode": 0.0})
+    wall: float = 0.0
+    stopped: str | None = None
+
+
+def explain_video(
+    engine: Engine,
+    source: str,
+    output: str | Path,
+    options: VideoOptions = VideoOptions(),
+    progress: Callable[[int], None] | None = None,
+) -> VideoSummary:
+    """Explain every frame of ``source`` (a file, URL or device PyAV opens) into an H.264 video at ``output``
+    with the heatmap blended over each frame at the output resolution; the frame rate and timestamps are
+    the input's. Raises :class:`VideoError` if the input cannot be opened or the output not written;
+    problems met later end the run early with ``summary.stopped`` saying why and at which frame."""
+    started = time.perf_counter()
+    summary = VideoSummary()
+    decoder = Decoder(source)
+    width, height = options.size or (decoder.width, decoder.height)
+    encoder = Encoder(output, width, height, decoder.rate, options.preset)
+    frames_in: queue.Queue = queue.Queue(maxsize=2 * options.batch_size)
+    frames_out: queue.Queue = queue.Queue(maxsize=2 * options.batch_size)
+    stop = threading.Event()
+    problems: list[str] = []
+    threads = [
+        threading.Thread(target=_decode, args=(decoder, frames_in, stop, summary, problems), name="wcam-decode", daemon=True),
+        threading.Thread(target=_encode, args=(encoder, frames_out, stop, summary, problems), name="wcam-encode", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    explainer = FrameExplainer(engine, options, (height, width), Sidecars(options.jsonl, options.npz, engine.categories))
+    try:
+        batch: list[tuple[int, np.ndarray, float]] = []
+        while True:
+            item = frames_in.get()
+            if item is not _END:
+                batch.append(item)
+            if batch and (item is _END or len(batch) == options.batch_size):
+                tick = time.perf_counter()
+                for index, overlay, when in explainer.run(batch):
+                    frames_out.put((index, overlay, when))
+                    if progress is not None:
+                        progress(index + 1)
+                summary.seconds["explain"] += time.perf_counter() - tick
+                batch = []
+            if item is _END or stop.is_set():
+                break
+    except KeyboardInterrupt:
+        problems.append(f"interrupted at frame {explainer.next_index}")
+    except Exception as exc:  # the engine failed on this batch: keep what was written, say where it stopped
+        problems.append(f"stopped at frame {explainer.next_index}: {type(exc).__name__}: {exc}")
+        logger.debug("engine failure", exc_info=True)
+    finally:
+        stop.set()
+        _drain(frames_in)
+        frames_out.put(_END)
+        for thread in threads:
+            thread.join()
+        explainer.close()
+        decoder.close()
+    summary.explained = explainer.explained
+    summary.stopped = "; ".join(problems) or None
+    summary.wall = time.perf_counter() - started
+    return summary
+
+
+def _drain(frames: queue.Queue) -> None:
+    """Empty a queue so that a producer blocked on ``put`` can see the stop flag and end."""
+    try:
+        while True:
+            frames.get_nowait()
+    except queue.Empty:
+        pass
+
+
+def _decode(decoder: Decoder, frames: queue.Queue, stop: threading.Event, summary: VideoSummary, problems: list[str]) -> None:
+    index = 0
+    try:
+        tick = time.perf_counter()
+        for image, when in decoder.frames():
+            summary.seconds["decode"] += time.perf_counter() - tick
+            while not stop.is_set():
+                try:
+                    frames.put((index, image, when), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+            index += 1
+            tick = time.perf_counter()
+        declared = decoder.declared_frames
+        if declared and index < declared:
+            problems.append(f"the input ended at frame {index} of the {declared} it declares (truncated?)")
+    except VideoError as exc:
+        problems.append(f"corrupt input at frame {index}: {exc}")
+    finally:
+        while True:  # the end marker must arrive, unless the explainer is gone
+            try:
+                frames.put(_END, timeout=0.1)
+                break
+            except queue.Full:
+                if stop.is_set():
+                    break
+
+
+def _encode(encoder: Encoder, frames: queue.Queue, stop: threading.Event, summary: VideoSummary, problems: list[str]) -> None:
+    try:
+        while True:
+            item = frames.get()
+            if item is _END:
+                break
+            tick = time.perf_counter()
+            encoder.write(item[1], item[2])
+            summary.frames += 1
+            summary.seconds["encode"] += time.perf_counter() - tick
+    except VideoError as exc:
+        problems.append(f"cannot encode frame {summary.frames}: {exc}")
+        stop.set()
+        _drain(frames)
+    finally:
+        tick = time.perf_counter()
+        encoder.close()  # flush and finalise: the frames written so far stay playable
+        summary.seconds["encode"] += time.perf_counter() - tick
+
+
+class FrameExplainer:
+    """The engine stage: explains every ``every``-th frame (in batches), smooths, and blends the heatmaps
+    into the frames at the output size on the engine's device. ``run`` takes ``(index, RGB frame, time)``
+    triples in order and returns ``(index, overlay, time)``."""
+
+    def __init__(self, engine: Engine, options: VideoOptions, size: tuple[int, int], sidecars: Sidecars) -> None:
+        self.engine = engine
+        self.options = options
+        self.size = size
+        self.sidecars = sidecars
+        self.lut = torch.from_numpy(TURBO_LUT.copy()).to(engine.device)
+        self.last: tuple[torch.Tensor, dict[str, Any]] | None = None  # normalised map at layer size, its record
+        self.next_index = 0
+        self.explained = 0
+
+    def run(self, batch: list[tuple[int, np.ndarray, float]]) -> list[tuple[int, np.ndarray, float]]:
+        every = self.options.every
+        device = self.engine.device
+        frames = to_device(torch.from_numpy(np.stack([image for _, image, _ in batch])), device)  # one upload
+        chosen = [k for k, (index, _, _) in enumerate(batch) if index % every == 0]
+        fresh = iter(self._explain(frames[chosen] if len(chosen) < len(batch) else frames)) if chosen else iter(())
+        maps, records = [], []
+        for index, _, when in batch:
+            if index % every == 0:
+                current, record = next(fresh)
+                if self.last is not None and self.options.smooth > 0:
+                    current = self.options.smooth * self.last[0] + (1.0 - self.options.smooth) * current
+                self.last = (current, record)
+                self.explained += 1
+            elif self.last is None:  # cannot happen: frame 0 is always explained
+                raise RuntimeError(f"no heatmap for frame {index}")
+            maps.append(self.last[0])
+            records.append({"frame": index, "time": when, "explained": index % every == 0, **self.last[1]})
+        stacked = torch.stack(maps)
+        if tuple(frames.shape[1:3]) != self.size:
+            frames = _resize_frames(frames, self.size)
+        kernels, interpolation = self.engine.kernels, self.engine.interpolation
+        overlays = kernels.render(stacked, self.size, interpolation, frames=frames, alpha=self.options.alpha, lut=self.lut)
+        self.sidecars.write(records, stacked, self.size, lambda: kernels.render(stacked, self.engine.preprocess.size, interpolation))
+        self.next_index = batch[-1][0] + 1
+        return [(index, overlay, when) for (index, _, when), overlay in zip(batch, overlays.cpu().numpy())]
+
+    def _explain(self, frames: torch.Tensor) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """Explain ``B x H x W x 3`` uint8 frames (on the device): normalised maps at the layer size and records."""
+        explanation = self.engine.explain(frames.permute(0, 3, 1, 2), p=self.options.p, method=self.options.method)
+        maps = normalize_maps(explanation.sums_at_layer_size)
+        probabilities = explanation.probabilities.cpu()
+        targets = explanation.targets.cpu().tolist()
+        return [(maps[i], {"class": targets[i], "probability": float(probabilities[i, targets[i]])}) for i in range(len(frames))]
+
+    def close(self) -> None:
+        self.sidecars.close()
+
+
+def _resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``B x H x W x 3`` uint8 frames resized (antialiased bilinear) to ``size`` = (height, width), on their device."""
+    x = frames.permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
