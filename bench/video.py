@@ -1,4 +1,4 @@
-"""End-to-end frames/s of ``wcam video``: ``python bench/video.py [--model efficientnet_lite0] [--every 1 2 3]``.
+"""End-to-end frames/s of ``wcam video``: ``python bench/video.py [--model efficientnet_lite0] [--every 1 3]``.
 
 Makes a 10-second 1920 x 1080 clip at 30 frames/s (a textured object moving over a textured background,
 encoded once with libx264 ultrafast), then runs the whole pipeline on it (decode, explain, blend at 1080p,
@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wcam import Engine  # noqa: E402
+from wcam.engine.models import load_model  # noqa: E402
 from wcam.video import VideoOptions, explain_video  # noqa: E402
 
 
@@ -56,13 +57,15 @@ def main() -> None:
     parser.add_argument("--size", default="1920x1080", help="clip WxH")
     parser.add_argument("--preset", default="veryfast")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
     width, height = map(int, args.size.split("x"))
-    engine = Engine.from_name(args.model, weights="DEFAULT" if args.model == "efficientnet_lite0" else None,
-                              device=args.device)
+    built = load_model(args.model, weights="DEFAULT" if args.model == "efficientnet_lite0" else None)
+    built.model.to(device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    engine = Engine(built.model, preprocess=built.preprocess, categories=built.categories)
     print(f"{time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"threads; device {args.device}; torch {torch.__version__}; PyAV {av.__version__}; model {args.model}; "
-          f"kernels {engine.kernels.name}")
+          f"{args.dtype}; kernels {engine.kernels.name}; encoder preset {args.preset}")
     with tempfile.TemporaryDirectory() as folder:
         clip = Path(folder) / "clip.mp4"
         started = time.perf_counter()
