@@ -13,6 +13,7 @@ import platform
 import sys
 import tempfile
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wcam import Engine  # noqa: E402
 from wcam.engine.models import load_model  # noqa: E402
 from wcam.video import VideoOptions, explain_video  # noqa: E402
+from wcam.video.codec import Encoder  # noqa: E402
 
 
 def make_clip(path: Path, seconds: float, fps: int, size: tuple[int, int]) -> int:
@@ -32,19 +34,13 @@ def make_clip(path: Path, seconds: float, fps: int, size: tuple[int, int]) -> in
     background = rng.integers(0, 140, size=(height, width, 3), dtype=np.uint8)
     texture = rng.integers(120, 256, size=(height // 4, width // 8, 3), dtype=np.uint8)
     count = int(seconds * fps)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(count):
-            image = background.copy()
-            x = (i * 11) % (width - texture.shape[1])
-            image[height // 3 : height // 3 + texture.shape[0], x : x + texture.shape[1]] = texture
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+    encoder = Encoder(path, width, height, Fraction(fps), "ultrafast")
+    for i in range(count):
+        image = background.copy()
+        x = (i * 11) % (width - texture.shape[1])
+        image[height // 3 : height // 3 + texture.shape[0], x : x + texture.shape[1]] = texture
+        encoder.write(image, i / fps)
+    encoder.close()
     return count
 
 

@@ -79,15 +79,21 @@ def _star_kernel(table, num_rows, weights, num_layers, star, star_h, star_w, sta
         tl.store(stats + 2 * b + 1, float("-inf"))
 
 
+@triton.jit
+def _output_tile(star, star_h, star_w, out_h, out_w, NEAREST: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's image b, output pixels, their mask and the values of R(S*[b]) there."""
+    b = tl.program_id(1).to(tl.int64)
+    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = pix < out_h * out_w
+    v = _sample(star + b * star_h * star_w, star_h, star_w, pix // out_w, pix % out_w, out_h, out_w, m, NEAREST)
+    return b, pix, m, v
+
+
 @triton.jit(do_not_specialize=["star_h", "star_w", "out_h", "out_w"])
 def _upsample_kernel(star, star_h, star_w, sums, out_h, out_w, stats, WRITE: tl.constexpr,
                      NEAREST: tl.constexpr, BLOCK: tl.constexpr):
     """S = R(S*) on the program's output pixels: written if WRITE, and reduced into the image's min/max."""
-    tile = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    pix = tile * BLOCK + tl.arange(0, BLOCK)
-    m = pix < out_h * out_w
-    v = _sample(star + b * star_h * star_w, star_h, star_w, pix // out_w, pix % out_w, out_h, out_w, m, NEAREST)
+    b, pix, m, v = _output_tile(star, star_h, star_w, out_h, out_w, NEAREST, BLOCK)
     if WRITE:
         tl.store(sums + b * out_h * out_w + pix, v, mask=m)
     tl.atomic_min(stats + 2 * b, tl.min(tl.where(m, v, float("inf")), axis=0))
@@ -98,11 +104,7 @@ def _upsample_kernel(star, star_h, star_w, sums, out_h, out_w, stats, WRITE: tl.
 def _render_kernel(star, star_h, star_w, out_h, out_w, stats, heat, frames, lut, alpha, BLEND: tl.constexpr,
                    NEAREST: tl.constexpr, BLOCK: tl.constexpr):
     """The normalised heatmap on the program's output pixels, or (BLEND) the frame with it blended in."""
-    tile = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    pix = tile * BLOCK + tl.arange(0, BLOCK)
-    m = pix < out_h * out_w
-    v = _sample(star + b * star_h * star_w, star_h, star_w, pix // out_w, pix % out_w, out_h, out_w, m, NEAREST)
+    b, pix, m, v = _output_tile(star, star_h, star_w, out_h, out_w, NEAREST, BLOCK)
     low = tl.load(stats + 2 * b)
     spread = tl.load(stats + 2 * b + 1) - low
     h = tl.where(spread > 0, (v - low) / tl.where(spread > 0, spread, 1.0), 0.0)
