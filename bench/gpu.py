@@ -346,7 +346,7 @@ def time_video(report: Report, args, device: torch.device, clock: Clock) -> None
     report.save()
 
 
-def onnxruntime_cuda(report: Report) -> None:
+def onnxruntime_cuda(report: Report, args, device: torch.device, clock: Clock) -> None:
     report.line()
     report.line("## 5. ONNX Runtime, CUDA execution provider")
     try:
@@ -359,7 +359,8 @@ def onnxruntime_cuda(report: Report) -> None:
         report.line(f"Not measured: onnxruntime {ort.__version__} here has no CUDA provider ({', '.join(providers)}); "
                     "it needs the onnxruntime-gpu wheel.")
         return
-    report.line("onnxruntime-gpu is present; run bench/backends.py --device cuda for its timings.")
+    time_end_to_end(report, args, device, clock, [("onnxruntime", "auto", "fp32")],
+                    f"onnxruntime {ort.__version__} with the CUDA provider (I/O binding), fp32 graph:")
 
 
 def main() -> None:
@@ -398,7 +399,7 @@ def main() -> None:
             report, args, device, clock, [("eager", "auto", "fp32"), ("eager", "auto", "bf16"), ("eager", "torch", "bf16")],
             "## 3. End to end: uint8 frames in, heatmaps out (eager torch backbone)")),
         ("video", lambda: time_video(report, args, device, clock)),
-        ("onnxruntime", lambda: onnxruntime_cuda(report)),
+        ("onnxruntime", lambda: onnxruntime_cuda(report, args, device, clock)),
         ("compiled", lambda: time_end_to_end(
             report, args, device, clock, [("compiled", "auto", d) for d in args.compiled_dtypes],
             "## 6. End to end, compiled backbone (torch.compile, Inductor; compile time reported below)")),
