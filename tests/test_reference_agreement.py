@@ -104,7 +104,7 @@ def test_float64_engine_matches_float64_reference(seeded_models, name, shape, se
 
 
 @pytest.mark.parametrize(
-    "name,interpolation", [("resnet18", "bilinear"), ("resnet18", "nearest"), ("densenet121", "bilinear")]
+    "name,interpolation", [("resnet18", "nearest"), ("densenet121", "bilinear")]
 )
 def test_triton_kernels_float64_engine_matches_float64_reference(seeded_models, name, interpolation):
     """The whole engine through the Triton kernels (interpreted on this CPU) in float64: the same 1e-9 as the
