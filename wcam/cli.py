@@ -77,10 +77,11 @@ def _positive_int(text: str) -> int:
 
 
 def _size(text: str) -> tuple[int, int]:
-    """An argparse type: ``HxW`` (e.g. 224x224) or ``N`` for N x N, both positive."""
+    """An argparse type: two positive sizes ``AxB`` (e.g. 224x224), or ``N`` for N x N; returned in the order
+    given (``wcam explain --size`` reads them as HxW, ``wcam video --size`` as WxH)."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX*,]\s*(\d+)\s*)?", text)
     if match is None or int(match[1]) < 1 or int(match[2] or match[1]) < 1:
-        raise argparse.ArgumentTypeError(f"expected a size HxW of positive integers such as 224x224, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a size of two positive integers such as 224x224, got {text!r}")
     return int(match[1]), int(match[2] or match[1])
 
 

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -226,8 +227,6 @@ class Engine:
 def _stack_frames(frames: list[Any]) -> Any:
     """Equal-sized uint8 ``H x W x 3`` numpy frames as one ``B x 3 x H x W`` tensor (resized in one call);
     anything else as the list it is."""
-    import numpy as np
-
     first = frames[0]
     if (
         isinstance(first, np.ndarray)

@@ -1,6 +1,7 @@
 """The CAM maths, batched over images and layers.
 
-Three steps, each a function that a fused GPU kernel can later replace behind the same signature:
+Three steps, here as vectorised torch; :mod:`wcam.kernels.triton` has fused Triton twins of each, and
+:mod:`wcam.kernels.dispatch` chooses between them:
 
 - :func:`layer_maps`: per-layer Grad-CAM maps at native resolution, min-max normalised, and layer scores
   (spec steps 3-6); it is :func:`channel_cam` per layer (which a runner may call as each gradient appears

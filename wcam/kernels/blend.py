@@ -27,5 +27,5 @@ def blend(heatmaps: Tensor, frames: Tensor, alpha: float, lut: Tensor) -> Tensor
     table = mixed.clamp_(0.0, 255.0).to(torch.uint8).view(-1)  # [colour index, channel, frame value]
     heat = torch.nan_to_num(heatmaps.float(), nan=0.0).clamp_(0.0, 1.0)
     index = (heat.mul_(255.0).add_(0.5).to(torch.int32).mul_(768)).unsqueeze(-1)
-    index = index + torch.tensor([0, 256, 512], dtype=torch.int32, device=device) + frames.to(torch.int32)
+    index = index + torch.arange(0, 768, 256, dtype=torch.int32, device=device) + frames.to(torch.int32)
     return table.index_select(0, index.view(-1)).view(index.shape)

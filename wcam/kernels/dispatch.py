@@ -93,11 +93,7 @@ class TritonKernels(TorchKernels):
         alpha: float = 0.5,
         lut: Tensor | None = None,
     ) -> Tensor:
-        star = star.contiguous()
-        stats = torch.empty((star.shape[0], 2), dtype=star.dtype, device=star.device)
-        stats[:, 0], stats[:, 1] = float("inf"), float("-inf")
-        self._resample.upsample(star, stats, out_size, interpolation, write=False)
-        return self._resample.render(star, stats, out_size, interpolation, frames, alpha, lut)
+        return self._resample.render(star, out_size, interpolation, frames, alpha, lut)
 
 
 def select_kernels(choice: str | None, device: torch.device) -> TorchKernels:

@@ -31,9 +31,9 @@ class Decoder:
     def __init__(self, source: str) -> None:
         av = _av()
         kind, _, rest = source.partition(":")
-        options = {"format": kind, "file": rest} if kind in ("v4l2", "avfoundation", "dshow") and rest else {"file": source}
+        path, form = (rest, kind) if kind in ("v4l2", "avfoundation", "dshow") and rest else (source, None)
         try:
-            self.container = av.open(options.pop("file"), "r", **options)
+            self.container = av.open(path, "r", format=form)
         except FileNotFoundError:
             raise VideoError(f"no such video: {source}") from None
         except (av.error.FFmpegError, OSError, ValueError) as exc:

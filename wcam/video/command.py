@@ -9,11 +9,6 @@ from pathlib import Path
 from wcam import cli
 
 
-def _wxh(text: str) -> tuple[int, int]:
-    """``WIDTHxHEIGHT`` as ``(width, height)``."""
-    return cli._size(text)
-
-
 def add_video(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     from wcam.engine.engine import BACKENDS
     from wcam.engine.explanation import METHODS
@@ -40,7 +35,7 @@ def add_video(commands: argparse._SubParsersAction, parents: list[argparse.Argum
                      help="explain every N-th frame and reuse its heatmap in between (default: %(default)s)")
     sub.add_argument("--smooth", type=cli._number_in("smooth", 0.0, 0.999), default=0.0, metavar="A",
                      help="moving average over frames: m = A * previous + (1 - A) * current, 0 = off (default: %(default)s)")
-    sub.add_argument("--size", type=_wxh, metavar="WxH", help="output size (default: the input's)")
+    sub.add_argument("--size", type=cli._size, metavar="WxH", help="output size (default: the input's)")
     sub.add_argument("--alpha", type=cli._number_in("alpha", 0.0, 1.0), default=0.5, help="heatmap opacity (default: %(default)s)")
     sub.add_argument("--preset", default="veryfast", help="libx264 preset: ultrafast ... veryslow (default: %(default)s)")
     sub.add_argument("--jsonl", type=Path, metavar="FILE", help="also write per-frame class, probability and heatmap centre of mass")

@@ -92,7 +92,15 @@ def explain_video(
     summary = VideoSummary()
     decoder = Decoder(source)
     width, height = options.size or (decoder.width, decoder.height)
-    encoder = Encoder(output, width, height, decoder.rate, options.preset)
+    encoder = None
+    try:  # everything that can refuse to start does so before any thread runs
+        encoder = Encoder(output, width, height, decoder.rate, options.preset)
+        explainer = FrameExplainer(engine, options, (height, width), Sidecars(options.jsonl, options.npz, engine.categories))
+    except BaseException:
+        if encoder is not None:
+            encoder.close()
+        decoder.close()
+        raise
     frames_in: queue.Queue = queue.Queue(maxsize=2 * options.batch_size)
     frames_out: queue.Queue = queue.Queue(maxsize=2 * options.batch_size)
     stop = threading.Event()
@@ -103,7 +111,6 @@ def explain_video(
     ]
     for thread in threads:
         thread.start()
-    explainer = FrameExplainer(engine, options, (height, width), Sidecars(options.jsonl, options.npz, engine.categories))
     try:
         batch: list[tuple[int, np.ndarray, float]] = []
         while True:
@@ -112,11 +119,12 @@ def explain_video(
                 batch.append(item)
             if batch and (item is _END or len(batch) == options.batch_size):
                 tick = time.perf_counter()
-                for index, overlay, when in explainer.run(batch):
+                explained = explainer.run(batch)
+                summary.seconds["explain"] += time.perf_counter() - tick  # not the wait for the encoder below
+                for index, overlay, when in explained:
                     frames_out.put((index, overlay, when))
                     if progress is not None:
                         progress(index + 1)
-                summary.seconds["explain"] += time.perf_counter() - tick
                 batch = []
             if item is _END or stop.is_set():
                 break
@@ -228,8 +236,6 @@ class FrameExplainer:
                     current = self.options.smooth * self.last[0] + (1.0 - self.options.smooth) * current
                 self.last = (current, record)
                 self.explained += 1
-            elif self.last is None:  # cannot happen: frame 0 is always explained
-                raise RuntimeError(f"no heatmap for frame {index}")
             maps.append(self.last[0])
             records.append({"frame": index, "time": when, "explained": index % every == 0, **self.last[1]})
         stacked = torch.stack(maps)

@@ -171,15 +171,21 @@ def upsample(star: Tensor, stats: Tensor, out_size: tuple[int, int], interpolati
 
 def render(
     star: Tensor,
-    stats: Tensor,
     out_size: tuple[int, int],
     interpolation: str,
     frames: Tensor | None = None,
     alpha: float = 0.5,
     lut: Tensor | None = None,
+    stats: Tensor | None = None,
 ) -> Tensor:
-    """The normalised heatmaps at ``out_size`` (B x H x W) from S* and the min/max :func:`upsample` reduced,
-    or, given ``frames`` (B x H x W x 3 uint8 RGB) and a 256 x 3 uint8 ``lut``, the blended frames."""
+    """The normalised heatmaps at ``out_size`` (B x H x W) from S*, or, given ``frames`` (B x H x W x 3 uint8
+    RGB) and a 256 x 3 uint8 ``lut``, the blended frames. ``stats``: the output's min/max as :func:`upsample`
+    reduced them, when already known; else one more launch reduces them here."""
+    star = star.contiguous()
+    if stats is None:
+        stats = torch.full((star.shape[0], 2), float("inf"), dtype=star.dtype, device=star.device)
+        stats[:, 1] = float("-inf")  # fills on the device: no host-to-device copy
+        upsample(star, stats, out_size, interpolation, write=False)
     out_h, out_w = out_size
     batch, star_h, star_w = star.shape
     nearest = _interpolation(interpolation)
@@ -210,4 +216,4 @@ def weighted_sum(
     ``(S* at (h*, w*), S at out_size, normalised S)``."""
     star, stats = star_sum(groups, weights, interpolation)
     sums = upsample(star, stats, out_size, interpolation)
-    return star, sums, render(star, stats, out_size, interpolation)
+    return star, sums, render(star, out_size, interpolation, stats=stats)

@@ -15,7 +15,6 @@ TRITON_TYPES = {
     torch.bfloat16: tl.bfloat16,
     torch.float32: tl.float32,
     torch.float64: tl.float64,
-    torch.uint8: tl.uint8,
 }
 
 
