@@ -35,6 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wcam import Engine  # noqa: E402
+from wcam.benchmark import floor  # noqa: E402
+from wcam.benchmark.timing import interleaved, synchronise  # noqa: E402
 from wcam.engine.capture import LayerCapture  # noqa: E402
 from wcam.engine.explanation import combine  # noqa: E402
 from wcam.engine.models import load_model  # noqa: E402
@@ -72,7 +74,8 @@ class Report:
 
 
 class Clock:
-    """Synchronised wall-clock timing on one device; a budget in seconds for the whole run."""
+    """Synchronised, interleaved timing on one device (``wcam.benchmark.timing``); a budget in seconds for
+    the whole run."""
 
     def __init__(self, device: torch.device, budget: float) -> None:
         self.device = device
@@ -82,27 +85,11 @@ class Clock:
         return self.deadline - time.perf_counter()
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def once(self, fn: Callable[[], object], inner: int = 1) -> float:
-        self.sync()
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        self.sync()
-        return (time.perf_counter() - start) / inner
+        synchronise(self.device)
 
     def compare(self, fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2, inner: int = 1) -> dict[str, float]:
         """Median seconds per call of each function, timed in interleaved rounds (order rotated)."""
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        names = list(fns)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                times[name].append(self.once(fns[name], inner))
+        times = interleaved(fns, rounds, warmup, self.device, inner=inner)
         return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -113,24 +100,6 @@ def capture(model: torch.nn.Module, layers: list[str], images: torch.Tensor) -> 
         acts = cap.collect()
         grads = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), acts)
     return [a.detach() for a in acts], list(grads)
-
-
-def floor(model: torch.nn.Module, layers: list[str]) -> Callable[[torch.Tensor], object]:
-    """The bare forward + gradients of the argmax logit w.r.t. the layer outputs, nothing else."""
-    modules = [model.get_submodule(name) for name in layers]
-
-    def run(images: torch.Tensor) -> object:
-        outputs: list[torch.Tensor] = []
-        handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in modules]
-        try:
-            with torch.enable_grad():
-                logits = model(images.detach().requires_grad_(True))
-                return torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), outputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    return run
 
 
 def cam_maths(kernels: TorchKernels, acts: list[torch.Tensor], grads: list[torch.Tensor], size: tuple[int, int]):

@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     from wcam.video.command import add_video
 
     add_video(commands, [common])
+    from wcam.eval.command import add_eval
+
+    add_eval(commands, [common])
+    from wcam.benchmark.command import add_bench
+
+    add_bench(commands, [common])
     return parser
 
 

@@ -1,6 +1,0 @@
-"""Make bench/cases.py importable from the benchmark files."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))

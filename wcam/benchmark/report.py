@@ -1,0 +1,129 @@
+"""The benchmark's output: a markdown table per model and batch (ms per image, spread, images/s, ratios to
+the floor and to wcam), the targets of issue 6, and the same as JSON with the machine and versions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from wcam.benchmark.cases import Case
+from wcam.benchmark.timing import Summary
+
+VERSIONS = ("wcam", "torch", "torchvision", "numpy", "onnxruntime", "triton", "grad-cam", "torchcam", "captum")
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """CPU model, cores and torch threads, GPU name (if the run uses one), OS and Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for package in VERSIONS:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    found["torch"] = torch.__version__  # with its build tag (e.g. +cu130, +cpu)
+    return found
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    batch: int
+    label: str
+    group: str
+    ms_per_image: float
+    q1_ms: float
+    q3_ms: float
+    images_per_s: float
+    vs_floor: float
+    vs_wcam: float
+    check: str
+    seconds: list[float]
+
+
+def rows(case: Case, times: dict[str, list[float]]) -> list[Row]:
+    """One row per entry; ``vs_floor`` and ``vs_wcam`` are medians of per-round time ratios (wcam: Winsor-CAM
+    on the first backend, eager torch)."""
+    floor = times[case.entries[0].label]
+    wcam = times[next(e.label for e in case.entries if e.group == "wcam")]
+    out = []
+    for entry in case.entries:
+        t = times[entry.label]
+        s, w = Summary.of(t, floor), Summary.of(t, wcam)
+        per = 1e3 / case.batch
+        out.append(Row(case.model, case.batch, entry.label, entry.group, s.median * per, s.q1 * per, s.q3 * per,
+                       case.batch / s.median, s.ratio, w.ratio, entry.check, t))
+    return out
+
+
+def table(found: list[Row]) -> str:
+    lines = [
+        "| model | batch | entry | ms/image: median [IQR] | images/s | / floor | / wcam | checked |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in found:
+        lines.append(
+            f"| {r.model} | {r.batch} | {r.label} | {r.ms_per_image:.2f} [{r.q1_ms:.2f}, {r.q3_ms:.2f}] "
+            f"| {r.images_per_s:.1f} | {r.vs_floor:.2f} | {r.vs_wcam:.2f} | {r.check} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(found: list[Row], batch: int = 8) -> list[dict[str, Any]]:
+    """Issue 6's targets at ``batch``, per model: wcam's eager torch Winsor-CAM within 1.10x of the floor;
+    wcam's best Winsor-CAM >= 2x faster than pytorch-grad-cam on all conv layers; wcam's gradcam at least as
+    fast as the fastest peer single-layer Grad-CAM; ``with_p`` under 1 ms per image."""
+    results = []
+    for model in dict.fromkeys(r.model for r in found if r.batch == batch):
+        mine = [r for r in found if r.model == model and r.batch == batch]
+        winsor = [r for r in mine if r.label.startswith("wcam winsor")]
+        best = min(winsor, key=lambda r: r.ms_per_image)
+        gradcam = next(r for r in mine if r.label.startswith("wcam gradcam"))
+        with_p = next(r for r in mine if r.label.startswith("wcam with_p"))
+        checks = [(f"wcam winsor ({winsor[0].label.split(', ', 1)[1]}) / floor <= 1.10", winsor[0].vs_floor, winsor[0].vs_floor <= 1.10)]
+        for peer in [r for r in mine if r.label.startswith("grad-cam GradCAM, all conv layers")]:
+            speedup = peer.ms_per_image / best.ms_per_image
+            which = peer.label.removeprefix("grad-cam GradCAM, all conv layers").strip(", ") or "frozen model"
+            checks.append((f"grad-cam all layers ({which}) / wcam best ({best.label.split(', ', 1)[1]}) >= 2", speedup, speedup >= 2))
+        singles = [r for r in mine if r.group == "peer" and "last conv" in r.label]
+        if singles:
+            fastest = min(singles, key=lambda r: r.ms_per_image)
+            ratio = gradcam.ms_per_image / fastest.ms_per_image
+            checks.append((f"wcam gradcam / fastest peer ({fastest.label}) <= 1", ratio, ratio <= 1))
+        checks.append(("with_p ms/image < 1", with_p.ms_per_image, with_p.ms_per_image < 1))
+        results += [{"model": model, "batch": batch, "target": t, "value": v, "met": m} for t, v, m in checks]
+    return results
+
+
+def as_json(
+    found: list[Row], met: list[dict[str, Any]], device: torch.device, notes: list[str], settings: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "machine": machine(device),
+        "versions": versions(),
+        "settings": settings,
+        "notes": notes,
+        "rows": [asdict(r) for r in found],
+        "targets": met,
+    }
