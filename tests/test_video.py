@@ -4,8 +4,10 @@ network a seeded random resnet18 at 64 x 64, so the point is the plumbing, not t
 
 Tolerances: heatmaps saved in the .npz are float16 (rounding 2^-11 ~ 5e-4 at 1.0), and a batch of frames and
 a single frame run slightly different conv algorithms (~1e-6): 2e-3. The overlays the pipeline hands to
-the encoder equal ``overlay(frame, engine.explain(frame).heatmap(0))`` to 1 level (rounding of values within
-~1e-6 of a step); after H.264 (lossy, libx264 at its default quality: 5.8 levels mean abs error measured on
+the encoder equal ``overlay(frame, engine.explain(frame).heatmap(0))`` to 1 level (rounding), except where a
+heatmap value lies within ~1e-6 of a colour-table step: there the colour is the neighbouring table entry, up
+to ``ceil(alpha * 13) + 1`` levels away (13: the table's largest step), and such values must be rare (<= 0.1%;
+measured: 1 of 18,432 in one of 5 frames); after H.264 (lossy, libx264 at its default quality: 5.8 levels mean abs error measured on
 this noisy texture) each output frame must be closer to its own overlay than to any other frame's.
 """
 
@@ -24,7 +26,7 @@ import torch
 from wcam import Engine, Preprocess
 from wcam.cli import main
 from wcam.kernels.resample import normalize_maps
-from wcam.overlay import overlay
+from wcam.overlay import TURBO_LUT, overlay
 from wcam.video import VideoOptions, explain_video
 from wcam.video.pipeline import FrameExplainer
 from wcam.video.sidecar import Sidecars
@@ -125,8 +127,10 @@ def test_each_frame_shows_its_own_heatmap(engine, tmp_path):
         assert errors[i] < 10.0 and int(np.argmin(errors)) == i, (i, errors)
     # before encoding: the overlays themselves
     stage = FrameExplainer(engine, VideoOptions(alpha=0.6), SIZE, Sidecars(None, None, None))
+    jump = int(np.ceil(0.6 * np.abs(np.diff(TURBO_LUT.astype(np.int16), axis=0)).max())) + 1
     for (index, got, _), want in zip(stage.run([(i, f, i / FPS) for i, f in enumerate(frames[:5])]), expected):
-        assert np.abs(got.astype(np.int16) - want.astype(np.int16)).max() <= 1, index
+        diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+        assert diff.max() <= jump and (diff > 1).mean() <= 1e-3, (index, diff.max(), int((diff > 1).sum()))
 
 
 def test_every_reuses_the_last_heatmap(engine, tmp_path):
