@@ -221,6 +221,7 @@ def test_model_state_is_restored_and_untouched(resnet, outcome):
     assert len(set(training.values())) == 2 and len(set(requires_grad.values())) == 2  # really mixed
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     assert any(name.endswith("running_mean") for name in buffers)
+    storage = {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
 
     modes_seen: list[bool] = []
     handles = [model.register_forward_pre_hook(lambda m, i: modes_seen.extend(x.training for x in model.modules()))]
@@ -250,6 +251,70 @@ def test_model_state_is_restored_and_untouched(resnet, outcome):
     assert [name for name, p in model.named_parameters() if p.grad is not None] == []
     for name, buffer in model.named_buffers():
         assert torch.equal(buffer, buffers[name]), f"buffer {name} changed"
+    # the channels-last input leaves the parameters where and as they were
+    assert {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()} == storage
+
+
+# ------------------------------------------------------------------ memory layout of the network input
+
+
+def _input_layouts(model: nn.Module) -> tuple[list[bool], object]:
+    """A forward pre-hook recording whether each network input is channels-last (and not also contiguous)."""
+    seen: list[bool] = []
+
+    def hook(module, inputs):
+        x = inputs[0]
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+    return seen, model.register_forward_pre_hook(hook)
+
+
+def test_channels_last_input_on_cpu_gives_the_same_explanation(resnet64):
+    x = images(2, seed=11).double()
+    seen, handle = _input_layouts(resnet64)
+    try:
+        default = Engine(resnet64).explain(x, p=70.0)
+        plain = Engine(resnet64, channels_last=False).explain(x, p=70.0)
+    finally:
+        handle.remove()
+    assert seen == [True, False]
+    assert default.targets.tolist() == plain.targets.tolist()
+    for got, want in ((default.heatmaps, plain.heatmaps), (default.sums, plain.sums),
+                      (default.layer_scores, plain.layer_scores), (default.layer_weights, plain.layer_weights)):
+        assert max_diff(got, want) <= 1e-9
+
+
+class ViewNet(TinyNet):
+    """Flattens a 4-D map with ``view``, which a channels-last tensor cannot give."""
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(self.conv1(x).relu(), 2)
+        x = nn.functional.adaptive_avg_pool2d(self.conv2(x).relu(), 2)
+        return self.fc2(x.view(x.shape[0], -1))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc2 = nn.Linear(8 * 4, 5)
+
+
+def test_a_model_that_needs_contiguous_input_falls_back_once():
+    torch.manual_seed(0)
+    model = ViewNet().double()
+    x = images(2, seed=12).double()
+    with pytest.raises(RuntimeError, match="view"):
+        model(x.contiguous(memory_format=torch.channels_last))
+    want = Engine(model, channels_last=False).explain(x, p=50.0)
+    engine = Engine(model)
+    seen, handle = _input_layouts(model)
+    try:
+        first = engine.explain(x, p=50.0)  # fails in channels-last, runs again as given
+        second = engine.explain(x, p=50.0)
+    finally:
+        handle.remove()
+    assert seen == [True, False, False] and engine._runner.channels_last is False
+    assert total_hooks(model) == 0
+    for got in (first, second):
+        assert max_diff(got.heatmaps, want.heatmaps) <= 1e-9 and max_diff(got.layer_scores, want.layer_scores) <= 1e-9
 
 
 # ------------------------------------------------------------------ grad modes

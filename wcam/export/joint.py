@@ -63,13 +63,15 @@ def trace_joint(
     size: tuple[int, int],
     dtype: torch.dtype = torch.float32,
     cams: bool = False,
+    channels_last: bool = False,
 ) -> torch.fx.GraphModule:
     """FX graph (aten ops) of :func:`joint_function` for ``model`` in eval mode, with a symbolic batch axis.
 
     Only the batch is symbolic (H and W are fixed): shape reasoning over symbolic image sizes costs minutes
     on DenseNet's concatenations and buys nothing, since a graph is exported for one input size. Traced at
     batch 2 (batch 1 would be specialised). Layers overwritten in place by the next op are found on a first
-    trace and copied in the second, as the eager runner does.
+    trace and copied in the second, as the eager runner does. With ``channels_last`` the graph is traced for
+    (and expects) a channels-last input, so that its layers run in that memory order.
     """
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     copied: frozenset[str] = frozenset()
@@ -77,8 +79,11 @@ def trace_joint(
         for _ in range(2):
             mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
             batch_only = [DimDynamic.DYNAMIC, DimDynamic.STATIC, DimDynamic.STATIC, DimDynamic.STATIC]
+            example = torch.zeros(2, 3, *size, dtype=dtype, device=device)
+            if channels_last:
+                example = example.contiguous(memory_format=torch.channels_last)
             images = mode.from_tensor(
-                torch.zeros(2, 3, *size, dtype=dtype, device=device),
+                example,
                 symbolic_context=StatelessSymbolicContext(dynamic_sizes=batch_only),
             )
             targets = mode.from_tensor(

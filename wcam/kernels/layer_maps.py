@@ -33,11 +33,17 @@ def channel_cam(activation: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor]:
 
     ``alpha[b, k] = mean_uv G[b, k]``, ``cam[b] = sum_k alpha[b, k] A[b, k]`` (before the ReLU) and
     ``score[b] = mean_k alpha[b, k]`` (before the clamp at 0). fp16/bf16 inputs accumulate in fp32.
+    A channels-last activation (``B x h x w x C`` in memory) is contracted over its innermost axis, without
+    a copy.
     """
     batch, channels, h, w = activation.shape
     dtype = torch.promote_types(activation.dtype, torch.float32)
     alpha = gradient.to(dtype).mean(dim=(2, 3))  # B x C
-    cam = torch.bmm(alpha.unsqueeze(1), activation.to(dtype).reshape(batch, channels, h * w))
+    values = activation.to(dtype)
+    if not values.is_contiguous() and values.is_contiguous(memory_format=torch.channels_last):
+        cam = torch.bmm(values.permute(0, 2, 3, 1).reshape(batch, h * w, channels), alpha.unsqueeze(2))
+    else:
+        cam = torch.bmm(alpha.unsqueeze(1), values.reshape(batch, channels, h * w))
     return cam.view(batch, h, w), alpha.mean(dim=1)
 
 
