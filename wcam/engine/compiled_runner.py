@@ -30,7 +30,8 @@ class CompiledRunner:
     are serialised and its outputs copied out before the next replay overwrites them. ``compile_seconds``
     records what each compilation cost (tracing included; Inductor's own work runs on the first call, which
     is included). The graph is traced in eval mode and holds the parameters as they are: build a new engine
-    after changing the model.
+    after changing the model. With ``channels_last`` (the CPU default) the graph is traced for, and given,
+    channels-last input, as the eager runner does.
     """
 
     def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
@@ -48,8 +49,15 @@ class CompiledRunner:
             if key in self._compiled:
                 return (*self._compiled[key], key, False)
             started = time.perf_counter()
-            graph = trace_joint(self.model, layers, tuple(images.shape[-2:]), images.dtype, cams=True,
-                                channels_last=self.channels_last)
+            size = tuple(images.shape[-2:])
+            try:
+                graph = trace_joint(self.model, layers, size, images.dtype, cams=True, channels_last=self.channels_last)
+            except RuntimeError:
+                if not self.channels_last:
+                    raise
+                graph = trace_joint(self.model, layers, size, images.dtype, cams=True)  # raises if it fails either way
+                self.channels_last = False
+                logger.info("the model fails on channels-last input; compiling it for the input's own layout")
             classes = _logit_classes(graph)
             if images.is_cuda and images.shape[0] == 1:
                 compiled = _replayed(torch.compile(graph, mode="reduce-overhead", dynamic=False))
@@ -62,9 +70,9 @@ class CompiledRunner:
     def run(self, images: Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels) -> BackboneResult:
         """The CAM contraction runs inside the compiled graph (fused by Inductor), so ``kernels`` only
         normalises."""
+        compiled, classes, key, fresh = self._get(layers, images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        compiled, classes, key, fresh = self._get(layers, images)
         chosen = graph_targets(targets, images.shape[0], classes)
         started = time.perf_counter()
         outputs = compiled(images, to_device(chosen, images.device))

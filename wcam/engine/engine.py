@@ -141,7 +141,7 @@ class Engine:
 
     @property
     def channels_last(self) -> bool:
-        """Whether the network gets its input in channels-last memory order (eager backend; see ``__init__``)."""
+        """Whether the network gets its input in channels-last memory order (eager and compiled; see the class)."""
         return bool(getattr(self._runner, "channels_last", False))
 
     def layers_for(self, method: str = "winsor", layers: Sequence[str] | None = None) -> list[str]:
