@@ -32,6 +32,7 @@ def cases():
 
 ENTRIES = [
     "floor: forward + activation gradients",
+    "floor, NCHW input",
     "wcam winsor p=90, eager",
     "wcam gradcam (last conv), eager",
     "wcam with_p: new p on cached maps",

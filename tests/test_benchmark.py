@@ -99,6 +99,7 @@ def test_bench_command_writes_every_entry(tmp_path, capsys):
     labels = [row["label"] for row in result["rows"]]
     assert labels == [
         "floor: forward + activation gradients",
+        "floor, NCHW input",  # the floor above gets the engine's channels-last CPU input
         "wcam winsor p=90, eager",
         "wcam gradcam (last conv), eager",
         "wcam with_p: new p on cached maps",

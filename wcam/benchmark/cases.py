@@ -80,9 +80,10 @@ def _check_heatmaps(label: str, maps: object, shape: tuple[int, ...]) -> Tensor:
 class ModelBench:
     """The engines of one model (one per backend, built once), from which each batch's case is made.
 
-    ``weights``: ``None`` for random weights (the timing does not depend on their values; nothing is
-    downloaded), else as :func:`wcam.engine.models.load_model`; ``size``: the network input (height, width),
-    default the model's. Set-up costs (ONNX export, compilation) are recorded in ``setup``.
+    ``weights``: ``None`` for seeded random weights (the timing does not depend on their values; nothing is
+    downloaded; the seed makes the peers' checks repeatable: on some random networks a last-layer Grad-CAM
+    is all zeros for an image), else as :func:`wcam.engine.models.load_model`; ``size``: the network input
+    (height, width), default the model's. Set-up costs (ONNX export, compilation) are recorded in ``setup``.
     """
 
     def __init__(
@@ -96,7 +97,9 @@ class ModelBench:
     ) -> None:
         self.name = name
         self.device = device
-        built = load_model(name, weights)
+        with torch.random.fork_rng(devices=[]):  # seeded random weights, the caller's RNG state untouched
+            torch.manual_seed(0)
+            built = load_model(name, weights)
         preprocess = replace(built.preprocess, size=size) if size else built.preprocess
         self.setup: list[str] = []
         self.engines: dict[str, Engine] = {}
@@ -127,6 +130,8 @@ class ModelBench:
         given = images.contiguous(memory_format=torch.channels_last) if eager.channels_last else images
         bare = floor(eager.model, eager.layers)
         entries = [Entry("floor: forward + activation gradients", "floor", lambda: bare(given), "")]
+        if given is not images:  # what the channels-last layout saves on the network pass
+            entries.append(Entry("floor, NCHW input", "floor", lambda: bare(images), ""))
         for label, engine in self.engines.items():
             started = time.perf_counter()
             got = engine.explain(images, p=90.0)
