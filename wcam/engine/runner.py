@@ -114,9 +114,9 @@ class EagerRunner:
 
     With ``channels_last`` the network gets its input in channels-last memory order (oneDNN's native layout
     on a CPU: the forward + backward ran 1.12x (resnet50) to 1.36x (EfficientNet-Lite0) faster at batch 8 on
-    the 2-core CPU, ``bench/RESULTS.md``); the model itself is not touched. A model whose code needs contiguous tensors
-    (``x.view(B, -1)`` on a 4-D map) fails on its first channels-last call, which then runs again with the
-    input as given; later calls use that from the start.
+    the 2-core CPU, ``bench/RESULTS.md``); the model itself is not touched. A model whose code needs
+    contiguous tensors (``x.view(B, -1)`` on a 4-D map) fails on its first channels-last call, which then
+    runs again with the input as given; later calls use that from the start.
     """
 
     def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
