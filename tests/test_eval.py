@@ -195,6 +195,22 @@ def test_folder_errors_name_the_problem(tmp_path, annotations, masks, message):
         folder(make_folder(tmp_path, annotations, masks))
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "RGB", "L"])
+def test_mask_files_with_alpha_count_colour_only(tmp_path, mode):
+    """An opaque alpha channel (as image editors save it) must not turn the whole picture into the object."""
+    from wcam.eval.datasets import _read_png
+
+    object_ = np.zeros((4, 6), dtype=bool)
+    object_[1:3, 2:5] = True
+    grey = np.where(object_, 255, 0).astype(np.uint8)
+    channels = {"RGBA": [grey, grey, grey, np.full_like(grey, 255)], "LA": [grey, np.full_like(grey, 255)],
+                "RGB": [grey, grey, grey], "L": None}[mode]
+    picture = Image.fromarray(grey if channels is None else np.stack(channels, axis=2), mode)
+    picture.save(tmp_path / "mask.png")
+    got = _read_png(tmp_path / "mask.png")
+    np.testing.assert_array_equal(got.astype(bool), object_)
+
+
 def test_folder_errors_at_load(tmp_path):
     annotations = {"images": {"a.png": {"boxes": [[100, 100, 120, 120]]}}}
     dataset = folder(make_folder(tmp_path, annotations, {"b": np.ones((5, 5))}))

@@ -95,6 +95,14 @@ def test_iou_by_hand_and_degenerate_cases():
     assert iou(torch.full_like(heat, 0.3), truth).tolist() == [0.0]
     assert iou(torch.zeros_like(heat), truth).tolist() == [0.0]
     assert mask_iou(truth, truth).tolist() == [1.0]
+    # float64 heatmaps get the ratio of counts in float64, not rounded through float32
+    wide = torch.zeros(1, 4, 4, dtype=torch.float64)
+    wide[0, :3, :3] = 1.0  # P: 9 px
+    square = torch.zeros(1, 4, 4, dtype=torch.bool)
+    square[0, 1:, 1:] = True
+    square[0, 0, 3] = True  # G: 10 px; P and G: 4 px; P or G: 9 + 10 - 4 = 15 px
+    got = iou(wide, square, threshold=0.5)
+    assert got.dtype == torch.float64 and got.item() == 4 / 15
 
 
 # ------------------------------------------------------------------ centre of mass, pointing, energy
@@ -137,6 +145,8 @@ def test_pointing_game_by_hand():
     assert pointing_game(torch.full((1, 3, 3), 0.2), truth).tolist() == pytest.approx([1 / 9])
     assert pointing_game(torch.zeros(1, 3, 3), truth).tolist() == pytest.approx([1 / 9])
     assert pointing_game(inside, torch.zeros_like(truth)).tolist() == [0.0]
+    # a tolerance beyond the image reaches every pixel, without building a disc of that size
+    assert pointing_game(corner, truth, tolerance=1e9).tolist() == [1.0]
 
 
 def test_energy_by_hand():
@@ -309,6 +319,7 @@ def test_faithfulness_batched_equals_per_image_and_restores_training_flags():
         (lambda m: insertion_auc(m, IMAGE, HEAT, 0, steps=0), "steps"),
         (lambda m: deletion_auc(m, IMAGE, HEAT, 0, baseline=torch.zeros(3, 2, 2)), "baseline"),
         (lambda m: confidence_change(m, IMAGE, -HEAT, 0), "non-negative"),
+        (lambda m: confidence_change(m, IMAGE, HEAT * 3 + 1, 0), "normalised to"),
         (lambda m: insertion_auc(m, IMAGE, HEAT, 0), "at least 6 x 6"),
     ],
 )

@@ -99,7 +99,9 @@ def _read_png(path: Path) -> np.ndarray:
         raise DatasetError(f"no such mask file: {path}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is "unreadable mask"
         raise DatasetError(f"cannot read mask {path}: {cli._reason(exc)}") from exc
-    return values.any(axis=2) if values.ndim == 3 else values
+    if values.ndim == 3:  # colour or grey with alpha: object where any colour channel is non-zero (not alpha)
+        return values[..., : 3 if values.shape[2] >= 3 else 1].any(axis=2)
+    return values
 
 
 def _check_mask(mask: np.ndarray, image: np.ndarray, what: str) -> np.ndarray:

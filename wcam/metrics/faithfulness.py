@@ -236,6 +236,8 @@ def confidence_change(
     ``increase = 1 if O > Y else 0``."""
     chosen = _check_inputs(images, heatmaps, targets)
     check_heatmaps(heatmaps, nonnegative=True)
+    if bool((heatmaps > 1 + 1e-5).any()):  # a raw CAM would scale the image up (1e-5: a kernel's rounding)
+        raise ValueError(f"heatmaps must be normalised to [0, 1], got a maximum of {float(heatmaps.max()):.4g}")
     _check_steps(1, batch_size)
     batch = images.shape[0]
     both = torch.cat([images, images * heatmaps[:, None].to(images.dtype)])

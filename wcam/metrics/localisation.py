@@ -121,7 +121,7 @@ def binarise(heatmaps: Tensor, threshold: float | str = "otsu") -> Tensor:
 
 def mask_iou(predicted: Tensor, masks: Tensor) -> Tensor:
     """``|P and G| / |P or G|`` per image for bool masks ``P`` and ``G`` (``B x H x W``); 0 when the union is
-    empty (both masks empty). Returns ``B`` float32."""
+    empty (both masks empty). Returns ``B`` float64 (the exact ratio of two counts, rounded once)."""
     if not isinstance(predicted, Tensor) or predicted.dtype != torch.bool:
         raise ValueError("predicted masks must be a bool tensor")
     if predicted.dim() != 3:
@@ -129,7 +129,8 @@ def mask_iou(predicted: Tensor, masks: Tensor) -> Tensor:
     check_masks(masks, predicted)
     intersection = (predicted & masks).flatten(1).sum(1)
     union = (predicted | masks).flatten(1).sum(1)
-    return torch.where(union > 0, intersection / union.clamp(min=1), torch.zeros_like(union, dtype=torch.float32))
+    ratio = intersection.to(torch.float64) / union.clamp(min=1).to(torch.float64)
+    return torch.where(union > 0, ratio, 0.0)
 
 
 def iou(heatmaps: Tensor, masks: Tensor, threshold: float | str = "otsu") -> Tensor:
@@ -195,7 +196,7 @@ def pointing_game(heatmaps: Tensor, masks: Tensor, tolerance: float = 0.0) -> Te
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < float("inf"):
         raise ValueError(f"tolerance must be a finite number of pixels >= 0, got {tolerance!r}")
     target = masks
-    radius = int(tolerance)
+    radius = min(int(tolerance), max(masks.shape[-2:]))  # a larger disc covers the same pixels
     if radius > 0:
         offsets = torch.arange(-radius, radius + 1, dtype=torch.float64, device=masks.device)
         disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= tolerance**2).to(torch.float32)
@@ -203,7 +204,7 @@ def pointing_game(heatmaps: Tensor, masks: Tensor, tolerance: float = 0.0) -> Te
         target = spread[:, 0] > 0.5
     peak = heatmaps == heatmaps.flatten(1).max(1).values[:, None, None]
     hits = (peak & target).flatten(1).sum(1)
-    return (hits / peak.flatten(1).sum(1)).to(_out_dtype(heatmaps))
+    return (hits.to(torch.float64) / peak.flatten(1).sum(1).to(torch.float64)).to(_out_dtype(heatmaps))
 
 
 def energy_in_mask(heatmaps: Tensor, masks: Tensor) -> Tensor:
@@ -217,5 +218,5 @@ def energy_in_mask(heatmaps: Tensor, masks: Tensor) -> Tensor:
     inside = masks.flatten(1)
     total = weights.sum(1)
     share = (weights * inside).sum(1) / total.clamp(min=torch.finfo(torch.float64).tiny)
-    uniform = inside.sum(1) / inside.shape[1]
+    uniform = inside.sum(1).to(torch.float64) / inside.shape[1]
     return torch.where(total > 0, share, uniform.to(torch.float64)).to(_out_dtype(heatmaps))
