@@ -90,7 +90,7 @@ def test_summary_of_rounds():
 
 
 def test_bench_command_writes_every_entry(tmp_path, capsys):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "results" / "bench.json"  # a folder that does not exist yet
     code = main(["bench", "--models", "resnet18", "--batches", "2", "--rounds", "2", "--warmup", "0",
                  "--backends", "eager", "--size", "64x96", "--json", str(out)])
     assert code == 0

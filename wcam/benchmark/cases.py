@@ -24,6 +24,7 @@ logger = logging.getLogger("wcam.benchmark")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # skimage.data photos, shipped in scikit-image's wheel
 AGREEMENT = 1e-3  # wcam backends vs eager, max abs on normalised heatmaps (the bound the tests use)
 REWEIGHT = 1e-5  # with_p(50) on cached maps vs a fresh explain at p=50 (same maps, same kernels)
+PEER_GRADCAM = 1e-4  # a last-conv peer vs wcam's gradcam (same formula, other operation order: measured <= 4e-6)
 
 
 class BenchError(RuntimeError):
@@ -83,7 +84,9 @@ class ModelBench:
     ``weights``: ``None`` for seeded random weights (the timing does not depend on their values; nothing is
     downloaded; the seed makes the peers' checks repeatable: on some random networks a last-layer Grad-CAM
     is all zeros for an image), else as :func:`wcam.engine.models.load_model`; ``size``: the network input
-    (height, width), default the model's. Set-up costs (ONNX export, compilation) are recorded in ``setup``.
+    (height, width), default the model's; ``cache_dir``: where ONNX graphs are exported (default: a new
+    temporary folder, left to the caller; ``wcam bench`` passes one it removes). Set-up costs (ONNX export,
+    compilation) are recorded in ``setup``.
     """
 
     def __init__(
@@ -159,6 +162,8 @@ class ModelBench:
             run = peer.build(eager.model, eager.layers, eager.gradcam_layer, given)
             maps = _check_heatmaps(peer.label, run(), shape)
             diff = _max_diff(maps, same_as[peer.same_as])
+            if peer.same_as == "gradcam" and diff > PEER_GRADCAM:
+                raise BenchError(f"{peer.label}: differs from wcam's gradcam by {diff:.3g} (> {PEER_GRADCAM})")
             entries.append(Entry(peer.label, "peer", run, f"vs wcam {peer.same_as} {diff:.1e}"))
         if missing:
             note = f"not installed, not timed: {', '.join(dict.fromkeys(missing))} (pip install 'wcam[bench]')"

@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from wcam import cli
@@ -64,30 +65,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from wcam.benchmark.report import as_json, rows, table, targets
     from wcam.benchmark.timing import interleaved
 
+    cli._check_writable(args.json)  # before minutes of work, not after
     device = torch.device(cli._resolve_device(args.device))
     peers = PEERS if args.peers is None else [p for p in PEERS if p.package in args.peers]
     backends = _backends(args.backends)
     total = len(args.models) * len(args.batches) * (args.rounds + args.warmup)
     progress = cli._Progress(total, enabled=True, unit="rounds")
     found, notes = [], []
-    try:
-        for name in args.models:
-            weights = "DEFAULT" if name == "efficientnet_lite0" else None
-            bench = ModelBench(name, backends, device, weights, size=args.size)
-            for batch in args.batches:
-                try:
-                    case = bench.case(batch, peers)
-                except BenchError as exc:
-                    raise cli.CliError(str(exc)) from None
-                times = interleaved({e.label: e.run for e in case.entries}, args.rounds, args.warmup, device,
-                                    on_round=lambda: progress.update(1))
-                found += rows(case, times)
-                notes += [f"{name}: {note}" for note in case.notes]
-                progress.clear()
-                print(table([r for r in found if r.model == name and r.batch == batch]) + "\n", flush=True)
-            notes += [f"{name}: {line}" for line in bench.setup]
-    finally:
-        progress.close()
+    with tempfile.TemporaryDirectory(prefix="wcam-bench-") as cache:  # exported graphs, removed after
+        try:
+            for name in args.models:
+                weights = "DEFAULT" if name == "efficientnet_lite0" else None
+                bench = ModelBench(name, backends, device, weights, Path(cache) / name, size=args.size)
+                for batch in args.batches:
+                    try:
+                        case = bench.case(batch, peers)
+                    except BenchError as exc:
+                        raise cli.CliError(str(exc)) from None
+                    times = interleaved({e.label: e.run for e in case.entries}, args.rounds, args.warmup, device,
+                                        on_round=lambda: progress.update(1))
+                    found += rows(case, times)
+                    notes += [f"{name}: {note}" for note in case.notes]
+                    progress.clear()
+                    print(table([r for r in found if r.model == name and r.batch == batch]) + "\n", flush=True)
+                notes += [f"{name}: {line}" for line in bench.setup]
+        finally:
+            progress.close()
     met = targets(found, 8 if 8 in args.batches else max(args.batches))
     if met:
         print("| model | batch | target | value | met |\n| --- | --- | --- | --- | --- |")
@@ -97,6 +100,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"- {note}")
     settings = {k: v for k, v in vars(args).items() if k in ("models", "batches", "rounds", "warmup", "size")}
     settings["backends"], settings["device"] = backends, str(device)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(as_json(found, met, device, list(dict.fromkeys(notes)), settings), indent=1))
     sys.stderr.write(f"wcam: results written to {args.json}\n")
     return 0

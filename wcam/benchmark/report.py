@@ -64,7 +64,7 @@ class Row:
 
 def rows(case: Case, times: dict[str, list[float]]) -> list[Row]:
     """One row per entry; ``vs_floor`` and ``vs_wcam`` are medians of per-round time ratios (wcam: Winsor-CAM
-    on the first backend, eager torch)."""
+    on the first engine: eager, with the torch kernels on a CPU and the Triton kernels on a GPU)."""
     floor = times[case.entries[0].label]
     wcam = times[next(e.label for e in case.entries if e.group == "wcam")]
     out = []
@@ -91,7 +91,7 @@ def table(found: list[Row]) -> str:
 
 
 def targets(found: list[Row], batch: int = 8) -> list[dict[str, Any]]:
-    """Issue 6's targets at ``batch``, per model: wcam's eager torch Winsor-CAM within 1.10x of the floor;
+    """Issue 6's targets at ``batch``, per model: wcam's eager Winsor-CAM (the first engine) within 1.10x of the floor;
     wcam's best Winsor-CAM >= 2x faster than pytorch-grad-cam on all conv layers; wcam's gradcam at least as
     fast as the fastest peer single-layer Grad-CAM; ``with_p`` under 1 ms per image."""
     results = []
