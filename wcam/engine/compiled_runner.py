@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from wcam.engine.runner import BackboneResult, check_logits, graph_targets
+from wcam.engine.runner import BackboneResult, LayoutChoice, check_logits, graph_targets
 from wcam.export.joint import trace_joint
 from wcam.kernels import group_maps
 from wcam.kernels.dispatch import TorchKernels
@@ -36,10 +36,14 @@ class CompiledRunner:
 
     def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
         self.model = model
-        self.channels_last = channels_last
+        self.layout = LayoutChoice(channels_last)
         self._lock = threading.Lock()
         self._compiled: dict[tuple, tuple[Callable[..., tuple[Tensor, ...]], int]] = {}
         self.compile_seconds: dict[tuple, float] = {}
+
+    @property
+    def channels_last(self) -> bool:
+        return self.layout.channels_last
 
     def _get(self, layers: Sequence[str], images: Tensor) -> tuple[Callable[..., tuple[Tensor, ...]], int, tuple, bool]:
         # batch 1 gets its own graph: Inductor specialises size-1 dims anyway, and a separate entry makes
@@ -50,14 +54,9 @@ class CompiledRunner:
                 return (*self._compiled[key], key, False)
             started = time.perf_counter()
             size = tuple(images.shape[-2:])
-            try:
-                graph = trace_joint(self.model, layers, size, images.dtype, cams=True, channels_last=self.channels_last)
-            except RuntimeError:
-                if not self.channels_last:
-                    raise
-                graph = trace_joint(self.model, layers, size, images.dtype, cams=True)  # raises if it fails either way
-                self.channels_last = False
-                logger.info("the model fails on channels-last input; compiling it for the input's own layout")
+            graph = self.layout.run(
+                lambda last: trace_joint(self.model, layers, size, images.dtype, cams=True, channels_last=last)
+            )
             classes = _logit_classes(graph)
             if images.is_cuda and images.shape[0] == 1:
                 compiled = _replayed(torch.compile(graph, mode="reduce-overhead", dynamic=False))
@@ -71,7 +70,7 @@ class CompiledRunner:
         """The CAM contraction runs inside the compiled graph (fused by Inductor), so ``kernels`` only
         normalises."""
         compiled, classes, key, fresh = self._get(layers, images)
-        if self.channels_last:
+        if self.layout.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         chosen = graph_targets(targets, images.shape[0], classes)
         started = time.perf_counter()

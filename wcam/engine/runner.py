@@ -6,7 +6,7 @@ import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,8 @@ from wcam.kernels.dispatch import TorchKernels
 from wcam.kernels.transfer import to_device
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,34 @@ class EvalGuard:
                     self._saved = []
 
 
+class LayoutChoice:
+    """Channels-last network input until the model fails on it once, then the input's own layout for good.
+
+    ``run(step)`` calls ``step(channels_last)``; while channels-last has not yet worked once, a RuntimeError
+    there (a model that needs contiguous tensors, e.g. ``x.view(B, -1)`` on a 4-D map) runs ``step(False)``
+    instead, which raises if the model fails either way, and keeps to that layout afterwards.
+    """
+
+    def __init__(self, channels_last: bool) -> None:
+        self.channels_last = channels_last
+        self._confirmed = False
+
+    def run(self, step: Callable[[bool], T]) -> T:
+        if not self.channels_last:
+            return step(False)
+        try:
+            result = step(True)
+        except RuntimeError as error:
+            if self._confirmed:
+                raise
+            result = step(False)
+            self.channels_last = False
+            logger.info("the model fails on channels-last input (%s); using the input's own layout", error)
+            return result
+        self._confirmed = True
+        return result
+
+
 class EagerRunner:
     """Runs a torch model eagerly: one forward with hooks, one ``autograd.grad`` to the hooked outputs.
 
@@ -124,8 +154,11 @@ class EagerRunner:
         self._eval = EvalGuard(model)
         self._lock = threading.Lock()
         self._copied: frozenset[str] = frozenset()
-        self.channels_last = channels_last
-        self._layout_confirmed = False
+        self.layout = LayoutChoice(channels_last)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.layout.channels_last
 
     def run(self, images: Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels) -> BackboneResult:
         if torch.is_inference_mode_enabled():
@@ -136,19 +169,11 @@ class EagerRunner:
         if images.is_inference():
             images = images.clone()
         images = images.detach()
-        if not self.channels_last:
-            return self._run(images, layers, targets, kernels)
-        try:
-            result = self._run(images.contiguous(memory_format=torch.channels_last), layers, targets, kernels)
-        except RuntimeError as error:
-            if self._layout_confirmed:
-                raise
-            result = self._run(images, layers, targets, kernels)  # raises if the model fails either way
-            self.channels_last = False
-            logger.info("the model fails on channels-last input (%s); using the input's own layout", error)
-            return result
-        self._layout_confirmed = True
-        return result
+        return self.layout.run(
+            lambda last: self._run(
+                images.contiguous(memory_format=torch.channels_last) if last else images, layers, targets, kernels
+            )
+        )
 
     def _run(self, images: Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels) -> BackboneResult:
         result = self._attempt(images, layers, targets, kernels)
