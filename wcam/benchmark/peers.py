@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from wcam.kernels.resample import normalize_maps, resample
 
 Heatmaps = Callable[[], Tensor]
 
@@ -40,10 +41,7 @@ class Peer:
 
 def _normalised(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """``B x h x w`` maps resized (bilinear) to ``size`` and min-max normalised per image (0 if constant)."""
-    maps = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    low = maps.amin(dim=(1, 2), keepdim=True)
-    span = maps.amax(dim=(1, 2), keepdim=True) - low
-    return torch.where(span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+    return normalize_maps(resample(maps.float(), size, "bilinear"))
 
 
 def _grad_cam(model: nn.Module, layers: Sequence[str], images: Tensor, input_grad: bool = True) -> Heatmaps:

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from wcam.kernels.blend import blend
+from wcam.kernels.blend import blend_each, check_frames
 from wcam.kernels.layer_maps import LayerMaps, layer_maps
 from wcam.kernels.resample import normalize_maps, resample, weighted_sum
 from wcam.kernels.winsor import winsor_weights
@@ -53,12 +53,12 @@ class TorchKernels:
         lut: Tensor | None = None,
     ) -> Tensor:
         """Normalised heatmaps at ``out_size`` from sums S* at the layer size, or ``frames`` with them blended in."""
-        heat = normalize_maps(resample(star, out_size, interpolation))
         if frames is None:
-            return heat
+            return normalize_maps(resample(star, out_size, interpolation))
+        check_frames(frames, (star.shape[0], *out_size))
         if lut is None:
             raise ValueError("blending needs a 256 x 3 uint8 colour table")
-        return blend(heat, frames, alpha, lut)
+        return blend_each(lambda i: normalize_maps(resample(star[i : i + 1], out_size, interpolation))[0], frames, alpha, lut)
 
 
 class TritonKernels(TorchKernels):
