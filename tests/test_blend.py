@@ -17,17 +17,23 @@ from wcam.overlay import TURBO_LUT
 LUT = torch.from_numpy(TURBO_LUT.copy())
 
 
-def _reference_blend(heat: np.ndarray, frames: np.ndarray, alpha: float) -> np.ndarray:
-    """``floor((1 - alpha) f + alpha lut[floor(255 clip(h) + 0.5)] + 0.5)`` pixel by pixel, in float64; NaN as 0."""
-    out = np.empty_like(frames)
+def _reference_blend(heat: np.ndarray, frames: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """``floor((1 - alpha) f + alpha lut[floor(255 clip(h) + 0.5)] + 0.5)`` pixel by pixel, in float64; NaN as 0.
+
+    Returns the lowest and highest acceptable value: they differ only where ``(1 - alpha) f + alpha c`` lies
+    within 1e-4 of a half level, where float32 arithmetic (the implementation's) may round either way
+    (with alpha = 0.35 the exact value is ``(13 f + 7 c) / 20``, a half level for 1 in 20 pairs)."""
+    low = np.empty(frames.shape, dtype=np.int64)
+    high = np.empty(frames.shape, dtype=np.int64)
     for b, y, x in np.ndindex(*heat.shape):
         value = heat[b, y, x]
         value = 0.0 if math.isnan(value) else min(max(float(value), 0.0), 1.0)
         colour = TURBO_LUT[int(math.floor(255.0 * value + 0.5))]
         for c in range(3):
-            mixed = (1.0 - alpha) * float(frames[b, y, x, c]) + alpha * float(colour[c]) + 0.5
-            out[b, y, x, c] = min(max(math.floor(mixed), 0), 255)
-    return out
+            mixed = (1.0 - alpha) * float(frames[b, y, x, c]) + alpha * float(colour[c])
+            low[b, y, x, c] = math.floor(mixed + 0.5 - 1e-4)
+            high[b, y, x, c] = math.floor(mixed + 0.5 + 1e-4)
+    return low, high
 
 
 def _inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,19 +44,16 @@ def _inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return heat, frames
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.35, 1.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.35, 0.7, 1.0])
 def test_blend_matches_the_float64_reference(alpha):
-    """Exact at alpha 0, 1/2 and 1, where the float32 formula has no rounding error before the final floor;
-    at 0.35, float32 and float64 may round differently where a value lies within ~1e-5 of a half level, so up
-    to 1 level in at most 1% of values (measured here: none)."""
+    """Exact, except at values within 1e-4 of a half level (see the reference); at alpha 0, 1/2 and 1 the
+    float32 formula has no rounding error before the final floor, so there every tie is exact and rounds up."""
     heat, frames = _inputs(0)
-    got = blend(heat, frames, alpha, LUT).numpy()
-    expected = _reference_blend(heat.numpy(), frames.numpy(), alpha)
-    diff = np.abs(got.astype(int) - expected.astype(int))
+    got = blend(heat, frames, alpha, LUT).numpy().astype(np.int64)
+    low, high = _reference_blend(heat.numpy(), frames.numpy(), alpha)
+    assert ((got >= low) & (got <= high)).all()
     if alpha in (0.0, 0.5, 1.0):
-        assert np.array_equal(got, expected)
-    else:
-        assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
+        assert np.array_equal(got, high)
 
 
 def test_blend_takes_strided_frames_and_a_batch_equals_its_frames():
