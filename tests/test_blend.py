@@ -67,19 +67,20 @@ def test_blend_takes_strided_frames_and_a_batch_equals_its_frames():
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
 def test_render_into_frames_equals_blending_the_rendered_heatmaps(interpolation):
-    """The frame-by-frame render (one full-size map at a time) gives what rendering the heatmaps for the whole
-    batch and then blending them gives."""
+    """The frame-by-frame render (one full-size map at a time, reused for a repeated map) gives what rendering
+    the heatmaps for the whole batch and then blending them gives."""
     gen = torch.Generator().manual_seed(2)
-    star = torch.rand(3, 5, 7, generator=gen)
+    star = torch.rand(4, 5, 7, generator=gen)
     star[1] = 0.0  # an all-zero sum (no layer lit up): heatmap 0 everywhere
-    frames = torch.randint(0, 256, (3, 21, 30, 3), generator=gen, dtype=torch.uint8)
+    star[3] = star[2]  # video's --every: two frames, one map
+    frames = torch.randint(0, 256, (4, 21, 30, 3), generator=gen, dtype=torch.uint8)
     kernels = TorchKernels()
     heat = kernels.render(star, (21, 30), interpolation)
     torch.testing.assert_close(heat, normalize_maps(resample(star, (21, 30), interpolation)), rtol=0, atol=0)
     assert float(heat[1].abs().max()) == 0.0
     got = kernels.render(star, (21, 30), interpolation, frames=frames, alpha=0.5, lut=LUT)
     assert torch.equal(got, blend(heat, frames, 0.5, LUT))
-    with pytest.raises(ValueError, match="frames must be uint8 3 x 21 x 30 x 3"):
+    with pytest.raises(ValueError, match="frames must be uint8 4 x 21 x 30 x 3"):
         kernels.render(star, (21, 30), interpolation, frames=frames[:, :20], lut=LUT)
 
 

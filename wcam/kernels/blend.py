@@ -18,7 +18,8 @@ def blend(heatmaps: Tensor, frames: Tensor, alpha: float, lut: Tensor) -> Tensor
 
 def blend_each(heatmap: Callable[[int], Tensor], frames: Tensor, alpha: float, lut: Tensor) -> Tensor:
     """:func:`blend` with the ``H x W`` heatmap of frame ``i`` made by ``heatmap(i)`` only when that frame is
-    blended, so that a batch of 1080p frames never holds more than one full-size float map.
+    blended, so that a batch of 1080p frames never holds more than one full-size float map; when ``heatmap``
+    returns the very tensor it returned for the frame before, that frame's colour indices are reused.
 
     Every output value is a function of (colour index, channel, frame value), 256 x 3 x 256 cases, so the
     formula is evaluated once into a table and each pixel is one gather, through an index buffer reused from
@@ -34,10 +35,13 @@ def blend_each(heatmap: Callable[[int], Tensor], frames: Tensor, alpha: float, l
     channel = torch.arange(0, 768, 256, dtype=torch.int32, device=device)
     out = torch.empty(frames.shape, dtype=torch.uint8, device=device)
     index = torch.empty(frames.shape[1:], dtype=torch.int32, device=device)
+    last: tuple[Tensor, Tensor] | None = None  # (heatmap, its colour index)
     for i in range(frames.shape[0]):
-        heat = torch.nan_to_num(heatmap(i).float(), nan=0.0).clamp_(0.0, 1.0)
-        colour_index = heat.mul_(255.0).add_(0.5).to(torch.int32).mul_(768)  # 768 x round(255 h), half up
-        torch.add(colour_index.unsqueeze(-1), channel, out=index).add_(frames[i])
+        heat = heatmap(i)
+        if last is None or heat is not last[0]:  # the same map again (video's --every): its colours again
+            clipped = torch.nan_to_num(heat.float(), nan=0.0).clamp_(0.0, 1.0)
+            last = (heat, clipped.mul_(255.0).add_(0.5).to(torch.int32).mul_(768))  # 768 x round(255 h), half up
+        torch.add(last[1].unsqueeze(-1), channel, out=index).add_(frames[i])
         torch.index_select(table, 0, index.view(-1), out=out[i].view(-1))
     return out
 

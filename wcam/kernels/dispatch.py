@@ -58,7 +58,14 @@ class TorchKernels:
         check_frames(frames, (star.shape[0], *out_size))
         if lut is None:
             raise ValueError("blending needs a 256 x 3 uint8 colour table")
-        return blend_each(lambda i: normalize_maps(resample(star[i : i + 1], out_size, interpolation))[0], frames, alpha, lut)
+        made: list[Tensor] = []
+
+        def heatmap(i: int) -> Tensor:  # frames that share a map (video's --every) share its resampled heatmap
+            if not made or not torch.equal(star[i], star[i - 1]):
+                made[:] = [normalize_maps(resample(star[i : i + 1], out_size, interpolation))[0]]
+            return made[0]
+
+        return blend_each(heatmap, frames, alpha, lut)
 
 
 class TritonKernels(TorchKernels):
