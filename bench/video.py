@@ -67,8 +67,8 @@ def main() -> None:
         started = time.perf_counter()
         count = make_clip(clip, args.seconds, 30, (height, width))
         print(f"clip: {count} frames, {width}x{height}, 30 frames/s, made in {time.perf_counter() - started:.1f} s")
-        print("| every | batch | frames | explained | wall s | frames/s | decode s | explain s | encode s |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| every | batch | frames | explained | wall s | frames/s | decode s | explain s | draw s | encode s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for every in args.every:
             options = VideoOptions(batch_size=args.batch, every=every, preset=args.preset)
             summary = explain_video(engine, str(clip), Path(folder) / f"out{every}.mp4", options)
@@ -76,7 +76,7 @@ def main() -> None:
                 raise SystemExit(f"the run stopped early: {summary.stopped}")
             s = summary.seconds
             print(f"| {every} | {args.batch} | {summary.frames} | {summary.explained} | {summary.wall:.1f} | "
-                  f"{summary.frames / summary.wall:.1f} | {s['decode']:.1f} | {s['explain']:.1f} | {s['encode']:.1f} |",
+                  f"{summary.frames / summary.wall:.1f} | {s['decode']:.1f} | {s['explain']:.1f} | {s['draw']:.1f} | {s['encode']:.1f} |",
                   flush=True)
 
 

@@ -102,7 +102,7 @@ def test_output_keeps_frame_count_size_rate_and_timestamps(engine, tmp_path):
     assert out_frames[0].shape == (*SIZE, 3)
     assert out_rate == in_rate == Fraction(FPS)
     assert out_times == pytest.approx(in_times, abs=1e-6)
-    assert set(summary.seconds) == {"decode", "explain", "encode"}
+    assert set(summary.seconds) == {"decode", "explain", "draw", "encode"}
 
 
 def test_each_frame_shows_its_own_heatmap(engine, tmp_path):
@@ -173,6 +173,27 @@ def test_ctrl_c_keeps_the_frames_explained_so_far(engine, tmp_path):
     assert summary.stopped == "interrupted at frame 6"  # after the second batch of 3 was handed on
     assert summary.frames == 6
     assert len(decode(tmp_path / "out.mp4")[0]) == summary.frames
+
+
+@pytest.mark.parametrize("stage", ["explain", "draw"])
+def test_a_failing_stage_keeps_the_frames_before_it(engine, tmp_path, monkeypatch, stage):
+    """An error in the network (the calling thread) or in the drawing (its own thread) on the third batch ends
+    the run with the two batches before it drawn, encoded and playable, and a message naming the frame; the
+    stages do not wait on each other after the failure."""
+    make_video(tmp_path / "in.mp4")
+    real = getattr(FrameExplainer, stage)
+
+    def failing(self, batch):
+        first = (batch if stage == "explain" else batch.batch)[0][0]
+        if first == 6:
+            raise RuntimeError("out of memory")
+        return real(self, batch)
+
+    monkeypatch.setattr(FrameExplainer, stage, failing)
+    summary = explain_video(engine, str(tmp_path / "in.mp4"), tmp_path / "out.mp4", VideoOptions(batch_size=3))
+    prefix = "stopped at frame 6" if stage == "explain" else "cannot draw frame 6"
+    assert summary.stopped == f"{prefix}: RuntimeError: out of memory"
+    assert summary.frames == 6 and len(decode(tmp_path / "out.mp4")[0]) == 6
 
 
 def test_cli_truncated_input_leaves_a_playable_prefix(tmp_path, capsys):

@@ -1,10 +1,11 @@
-"""Explain a video frame by frame: decode, explain and encode run as three stages joined by bounded queues.
+"""Explain a video frame by frame: decode, explain, draw and encode run as four stages joined by bounded queues.
 
-The decoder (PyAV) and the encoder (PyAV, H.264) each run in a thread of their own, and the engine in the
-calling thread, so the slowest stage alone sets the rate and at most a few batches of frames are in memory
-on an endless stream. Whatever stops the run (the end of the input, a corrupt or truncated frame, Ctrl-C, an
-error in the engine) the encoder is flushed and the output file closed, so every frame explained so far
-stays playable.
+The decoder (PyAV), the drawing of the heatmaps into the frames, and the encoder (PyAV, H.264) each run in a
+thread of their own, and the network in the calling thread, so the slowest stage alone sets the rate (on a
+CPU the network of one batch overlaps the drawing of the last) and at most a few batches of frames are in
+memory on an endless stream. Whatever stops the run (the end of the input, a corrupt or truncated frame,
+Ctrl-C, an error in the engine) every frame explained so far is drawn, the encoder flushed and the output
+file closed, so those frames stay playable.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class VideoSummary:
 
     frames: int = 0
     explained: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "explain": 0.0, "encode": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "explain": 0.0, "draw": 0.0, "encode": 0.0})
     wall: float = 0.0
     stopped: str | None = None
 
@@ -102,12 +103,17 @@ def explain_video(
         decoder.close()
         raise
     frames_in: queue.Queue = queue.Queue(maxsize=2 * options.batch_size)
+    to_draw: queue.Queue = queue.Queue(maxsize=2)  # explained batches
     frames_out: queue.Queue = queue.Queue(maxsize=2 * options.batch_size)
     stop = threading.Event()
     problems: list[str] = []
+    encode = threading.Thread(target=_encode, args=(encoder, frames_out, stop, summary, problems), name="wcam-encode", daemon=True)
+    draw = threading.Thread(target=_draw, args=(explainer, to_draw, frames_out, encode, stop, summary, problems),
+                            name="wcam-draw", daemon=True)
     threads = [
         threading.Thread(target=_decode, args=(decoder, frames_in, stop, summary, problems), name="wcam-decode", daemon=True),
-        threading.Thread(target=_encode, args=(encoder, frames_out, stop, summary, problems), name="wcam-encode", daemon=True),
+        draw,
+        encode,
     ]
     for thread in threads:
         thread.start()
@@ -119,12 +125,11 @@ def explain_video(
                 batch.append(item)
             if batch and (item is _END or len(batch) == options.batch_size):
                 tick = time.perf_counter()
-                explained = explainer.run(batch)
-                summary.seconds["explain"] += time.perf_counter() - tick  # not the wait for the encoder below
-                for index, overlay, when in explained:
-                    frames_out.put((index, overlay, when))
-                    if progress is not None:
-                        progress(index + 1)
+                explained = explainer.explain(batch)
+                summary.seconds["explain"] += time.perf_counter() - tick  # not the wait for the drawing below
+                _hand_on(to_draw, explained, draw)
+                if progress is not None:
+                    progress(batch[-1][0] + 1)
                 batch = []
             if item is _END or stop.is_set():
                 break
@@ -136,7 +141,7 @@ def explain_video(
     finally:
         stop.set()
         _drain(frames_in)
-        frames_out.put(_END)
+        _hand_on(to_draw, _END, draw)  # the drawing thread draws what it holds, then ends the encoder
         for thread in threads:
             thread.join()
         explainer.close()
@@ -145,6 +150,17 @@ def explain_video(
     summary.stopped = "; ".join(problems) or None
     summary.wall = time.perf_counter() - started
     return summary
+
+
+def _hand_on(frames: queue.Queue, item: Any, consumer: threading.Thread) -> bool:
+    """Put ``item`` on ``frames``, waiting while its consumer runs; False (item dropped) once it has ended."""
+    while True:
+        try:
+            frames.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            if not consumer.is_alive():
+                return False
 
 
 def _drain(frames: queue.Queue) -> None:
@@ -187,6 +203,42 @@ def _decode(decoder: Decoder, frames: queue.Queue, stop: threading.Event, summar
                     break
 
 
+def _draw(
+    explainer: "FrameExplainer",
+    batches: queue.Queue,
+    frames: queue.Queue,
+    encode: threading.Thread,
+    stop: threading.Event,
+    summary: VideoSummary,
+    problems: list[str],
+) -> None:
+    """Blend each explained batch into its frames and hand them to the encoder, until the end marker; after
+    a failure, take (and drop) the batches still coming, so that the explaining thread never waits."""
+    failed = False
+    try:
+        while True:
+            item = batches.get()
+            if item is _END:
+                break
+            if failed:
+                continue
+            tick = time.perf_counter()
+            try:
+                drawn = explainer.draw(item)
+            except Exception as exc:
+                problems.append(f"cannot draw frame {item.batch[0][0]}: {type(exc).__name__}: {exc}")
+                logger.debug("drawing failure", exc_info=True)
+                failed = True
+                stop.set()
+                continue
+            finally:
+                summary.seconds["draw"] += time.perf_counter() - tick
+            for frame in drawn:
+                _hand_on(frames, frame, encode)
+    finally:
+        _hand_on(frames, _END, encode)
+
+
 def _encode(encoder: Encoder, frames: queue.Queue, stop: threading.Event, summary: VideoSummary, problems: list[str]) -> None:
     try:
         while True:
@@ -207,10 +259,21 @@ def _encode(encoder: Encoder, frames: queue.Queue, stop: threading.Event, summar
         summary.seconds["encode"] += time.perf_counter() - tick
 
 
+@dataclass(frozen=True)
+class ExplainedBatch:
+    """One batch between the explaining and the drawing stage: ``(index, frame, time)`` triples, the frames on
+    the engine's device (B x H x W x 3 uint8), their normalised maps at the layer size, their records."""
+
+    batch: list[tuple[int, np.ndarray, float]]
+    frames: torch.Tensor
+    maps: torch.Tensor
+    records: list[dict[str, Any]]
+
+
 class FrameExplainer:
-    """The engine stage: explains every ``every``-th frame (in batches), smooths, and blends the heatmaps
-    into the frames at the output size on the engine's device. ``run`` takes ``(index, RGB frame, time)``
-    triples in order and returns ``(index, overlay, time)``."""
+    """The engine's stages: :meth:`explain` explains every ``every``-th frame (in batches) and smooths;
+    :meth:`draw` blends the heatmaps into the frames at the output size on the engine's device. Each takes
+    the batches in order (``(index, RGB frame, time)`` triples); ``draw`` returns ``(index, overlay, time)``."""
 
     def __init__(self, engine: Engine, options: VideoOptions, size: tuple[int, int], sidecars: Sidecars) -> None:
         self.engine = engine
@@ -223,6 +286,11 @@ class FrameExplainer:
         self.explained = 0
 
     def run(self, batch: list[tuple[int, np.ndarray, float]]) -> list[tuple[int, np.ndarray, float]]:
+        """:meth:`explain` then :meth:`draw`, in this thread."""
+        return self.draw(self.explain(batch))
+
+    def explain(self, batch: list[tuple[int, np.ndarray, float]]) -> "ExplainedBatch":
+        """The network's part: upload the frames, explain every ``every``-th one, smooth; in frame order."""
         every = self.options.every
         device = self.engine.device
         frames = to_device(torch.from_numpy(np.stack([image for _, image, _ in batch])), device)  # one upload
@@ -238,14 +306,18 @@ class FrameExplainer:
                 self.explained += 1
             maps.append(self.last[0])
             records.append({"frame": index, "time": when, "explained": index % every == 0, **self.last[1]})
-        stacked = torch.stack(maps)
+        self.next_index = batch[-1][0] + 1
+        return ExplainedBatch(batch, frames, torch.stack(maps), records)
+
+    def draw(self, explained: "ExplainedBatch") -> list[tuple[int, np.ndarray, float]]:
+        """The heatmaps blended into their frames at the output size, and the side outputs written."""
+        frames, stacked = explained.frames, explained.maps
         if tuple(frames.shape[1:3]) != self.size:
             frames = _resize_frames(frames, self.size)
         kernels, interpolation = self.engine.kernels, self.engine.interpolation
         overlays = kernels.render(stacked, self.size, interpolation, frames=frames, alpha=self.options.alpha, lut=self.lut)
-        self.sidecars.write(records, stacked, self.size, lambda: kernels.render(stacked, self.engine.preprocess.size, interpolation))
-        self.next_index = batch[-1][0] + 1
-        return [(index, overlay, when) for (index, _, when), overlay in zip(batch, overlays.cpu().numpy())]
+        self.sidecars.write(explained.records, stacked, self.size, lambda: kernels.render(stacked, self.engine.preprocess.size, interpolation))
+        return [(index, overlay, when) for (index, _, when), overlay in zip(explained.batch, overlays.cpu().numpy())]
 
     def _explain(self, frames: torch.Tensor) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         """Explain ``B x H x W x 3`` uint8 frames (on the device): normalised maps at the layer size and records."""
