@@ -11,7 +11,7 @@ import torch
 
 from wcam.kernels.blend import blend
 from wcam.kernels.dispatch import TorchKernels
-from wcam.kernels.resample import normalize_maps, resample
+from wcam.kernels.resample import normalize_maps
 from wcam.overlay import TURBO_LUT
 
 LUT = torch.from_numpy(TURBO_LUT.copy())
@@ -56,13 +56,16 @@ def test_blend_matches_the_float64_reference(alpha):
         assert np.array_equal(got, high)
 
 
-def test_blend_takes_strided_frames_and_a_batch_equals_its_frames():
+def test_blend_takes_strided_frames_and_float32_heatmaps():
+    """Frames in another memory order and float32 heatmaps (as the engine makes them) give the reference's
+    values, into a contiguous output."""
     heat, frames = _inputs(1)
     strided = frames.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # same values, other memory order
-    whole = blend(heat, strided, 0.35, LUT)
-    assert whole.is_contiguous() and torch.equal(whole, blend(heat, frames, 0.35, LUT))
-    for i in range(len(frames)):
-        assert torch.equal(whole[i : i + 1], blend(heat[i : i + 1], frames[i : i + 1], 0.35, LUT))
+    got = blend(heat.float(), strided, 0.35, LUT)
+    low, high = _reference_blend(heat.float().double().numpy(), frames.numpy(), 0.35)
+    assert got.is_contiguous()
+    values = got.numpy().astype(np.int64)
+    assert ((values >= low) & (values <= high)).all()
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
@@ -76,7 +79,6 @@ def test_render_into_frames_equals_blending_the_rendered_heatmaps(interpolation)
     frames = torch.randint(0, 256, (4, 21, 30, 3), generator=gen, dtype=torch.uint8)
     kernels = TorchKernels()
     heat = kernels.render(star, (21, 30), interpolation)
-    torch.testing.assert_close(heat, normalize_maps(resample(star, (21, 30), interpolation)), rtol=0, atol=0)
     assert float(heat[1].abs().max()) == 0.0
     got = kernels.render(star, (21, 30), interpolation, frames=frames, alpha=0.5, lut=LUT)
     assert torch.equal(got, blend(heat, frames, 0.5, LUT))
@@ -89,3 +91,4 @@ def test_normalize_maps_constant_and_nan_maps_become_zeros():
     out = normalize_maps(maps)
     torch.testing.assert_close(out[0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]), rtol=0, atol=0)
     assert float(out[1:].abs().max()) == 0.0
+    torch.testing.assert_close(normalize_maps(torch.tensor([[[0, 2], [4, 8]]])), torch.tensor([[[0.0, 0.25], [0.5, 1.0]]]))

@@ -28,6 +28,7 @@ from wcam.cli import main
 from wcam.kernels.resample import normalize_maps
 from wcam.overlay import TURBO_LUT, overlay
 from wcam.video import VideoOptions, explain_video
+from wcam.video.codec import Encoder, VideoError
 from wcam.video.pipeline import FrameExplainer
 from wcam.video.sidecar import Sidecars
 
@@ -193,6 +194,27 @@ def test_a_failing_stage_keeps_the_frames_before_it(engine, tmp_path, monkeypatc
     summary = explain_video(engine, str(tmp_path / "in.mp4"), tmp_path / "out.mp4", VideoOptions(batch_size=3))
     prefix = "stopped at frame 6" if stage == "explain" else "cannot draw frame 6"
     assert summary.stopped == f"{prefix}: RuntimeError: out of memory"
+    assert summary.frames == 6 and len(decode(tmp_path / "out.mp4")[0]) == 6
+
+
+@pytest.mark.parametrize("error", [VideoError("disk full"), ValueError("bad frame")])
+def test_an_encoder_failure_keeps_the_frames_written_before_it(engine, tmp_path, monkeypatch, error):
+    """The encoder failing at frame 6 (FFmpeg's error, or any other) ends the run with a message naming the
+    frame, the six frames before it in a playable file, and no stage left waiting."""
+    make_video(tmp_path / "in.mp4")
+    real = Encoder.write
+    written = []
+
+    def failing(self, rgb, when):
+        if len(written) == 6:
+            raise error
+        written.append(when)
+        real(self, rgb, when)
+
+    monkeypatch.setattr(Encoder, "write", failing)
+    summary = explain_video(engine, str(tmp_path / "in.mp4"), tmp_path / "out.mp4", VideoOptions(batch_size=3))
+    reason = "disk full" if isinstance(error, VideoError) else "ValueError: bad frame"
+    assert summary.stopped == f"cannot encode frame 6: {reason}"
     assert summary.frames == 6 and len(decode(tmp_path / "out.mp4")[0]) == 6
 
 

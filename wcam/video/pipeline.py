@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -108,7 +109,8 @@ def explain_video(
     stop = threading.Event()
     problems: list[str] = []
     encode = threading.Thread(target=_encode, args=(encoder, frames_out, stop, summary, problems), name="wcam-encode", daemon=True)
-    draw = threading.Thread(target=_draw, args=(explainer, to_draw, frames_out, encode, stop, summary, problems),
+    stream = torch.cuda.current_stream(engine.device) if engine.device.type == "cuda" else None
+    draw = threading.Thread(target=_draw, args=(explainer, to_draw, frames_out, encode, stop, summary, problems, stream),
                             name="wcam-draw", daemon=True)
     threads = [
         threading.Thread(target=_decode, args=(decoder, frames_in, stop, summary, problems), name="wcam-decode", daemon=True),
@@ -127,7 +129,8 @@ def explain_video(
                 tick = time.perf_counter()
                 explained = explainer.explain(batch)
                 summary.seconds["explain"] += time.perf_counter() - tick  # not the wait for the drawing below
-                _hand_on(to_draw, explained, draw)
+                if not _hand_on(to_draw, explained, draw):
+                    break  # the drawing thread has ended (it says why)
                 if progress is not None:
                     progress(batch[-1][0] + 1)
                 batch = []
@@ -211,30 +214,33 @@ def _draw(
     stop: threading.Event,
     summary: VideoSummary,
     problems: list[str],
+    stream: "torch.cuda.Stream | None" = None,
 ) -> None:
     """Blend each explained batch into its frames and hand them to the encoder, until the end marker; after
-    a failure, take (and drop) the batches still coming, so that the explaining thread never waits."""
-    failed = False
+    a failure (or once the encoder has ended), take and drop the batches still coming, so that the explaining
+    thread never waits. On CUDA it runs on the explaining thread's device and stream, so that its kernels are
+    ordered after that thread's."""
     try:
-        while True:
-            item = batches.get()
-            if item is _END:
-                break
-            if failed:
-                continue
-            tick = time.perf_counter()
-            try:
-                drawn = explainer.draw(item)
-            except Exception as exc:
-                problems.append(f"cannot draw frame {item.batch[0][0]}: {type(exc).__name__}: {exc}")
-                logger.debug("drawing failure", exc_info=True)
-                failed = True
-                stop.set()
-                continue
-            finally:
-                summary.seconds["draw"] += time.perf_counter() - tick
-            for frame in drawn:
-                _hand_on(frames, frame, encode)
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            failed = False
+            while True:
+                item = batches.get()
+                if item is _END:
+                    break
+                if failed:
+                    continue
+                tick = time.perf_counter()
+                try:
+                    drawn = explainer.draw(item)
+                except Exception as exc:
+                    problems.append(f"cannot draw frame {item.batch[0][0]}: {type(exc).__name__}: {exc}")
+                    logger.debug("drawing failure", exc_info=True)
+                    failed = True
+                    stop.set()
+                    continue
+                finally:
+                    summary.seconds["draw"] += time.perf_counter() - tick
+                failed = not all(_hand_on(frames, frame, encode) for frame in drawn)  # False: the encoder ended
     finally:
         _hand_on(frames, _END, encode)
 
@@ -249,8 +255,10 @@ def _encode(encoder: Encoder, frames: queue.Queue, stop: threading.Event, summar
             encoder.write(item[1], item[2])
             summary.frames += 1
             summary.seconds["encode"] += time.perf_counter() - tick
-    except VideoError as exc:
-        problems.append(f"cannot encode frame {summary.frames}: {exc}")
+    except Exception as exc:  # VideoError from FFmpeg, or anything else: say so, and let the others stop
+        reason = str(exc) if isinstance(exc, VideoError) else f"{type(exc).__name__}: {exc}"
+        problems.append(f"cannot encode frame {summary.frames}: {reason}")
+        logger.debug("encoding failure", exc_info=True)
         stop.set()
         _drain(frames)
     finally:
