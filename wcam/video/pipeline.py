@@ -241,6 +241,9 @@ def _draw(
                 finally:
                     summary.seconds["draw"] += time.perf_counter() - tick
                 failed = not all(_hand_on(frames, frame, encode) for frame in drawn)  # False: the encoder ended
+    except Exception as exc:  # outside a batch's drawing (not expected): say so, so that the others stop
+        problems.append(f"the drawing stage stopped: {type(exc).__name__}: {exc}")
+        stop.set()
     finally:
         _hand_on(frames, _END, encode)
 
