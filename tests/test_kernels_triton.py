@@ -13,7 +13,10 @@ Shapes are small but awkward: non-power-of-two sizes and channel counts (so ever
 - The quantile and weights run in fp64 in the kernel: 1e-12 on fp64 scores, one fp32 rounding (1e-6) on
   fp32 scores.
 - Blended uint8 frames: equal to the torch path except where a value lands within rounding of a .5 step,
-  so at most 1 apart.
+  so at most 1 apart. On 4:2:0 chroma planes the colour index comes from a 2 x 2 mean of bilinear samples,
+  which the kernel and the torch path round differently in the last bit; where that mean lies within it of
+  a colour-table step the index, and so the colour, is the neighbouring one: rare (<= 0.5% of values) and
+  at most ``ceil(alpha * 13) + 1`` levels (13: the table's largest step in any plane).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from reference import winsor_weights as reference_weights
 
 from wcam import Engine
 from wcam.kernels.dispatch import TorchKernels, TritonKernels, select_kernels
+from wcam.kernels.frames import YUVFrames
 from wcam.overlay import TURBO_LUT
 
 TORCH, TRITON = TorchKernels(), TritonKernels()
@@ -218,6 +222,26 @@ def test_render_blends_into_frames_like_the_torch_path():
     assert torch.equal(TRITON.render(star, (45, 61), "bilinear", frames=frames, alpha=0.0, lut=lut), frames)
     with pytest.raises(ValueError, match="uint8"):
         TRITON.render(star, (45, 61), "bilinear", frames=frames.float(), lut=lut)
+
+
+@pytest.mark.parametrize(("chroma", "interpolation"), [(2, "bilinear"), (1, "nearest"), (2, "nearest")])
+def test_render_blends_into_yuv_planes_like_the_torch_path(chroma, interpolation):
+    gen = torch.Generator().manual_seed(4)
+    star = torch.rand(2, 7, 9, generator=gen)
+    height, width = 22, 30
+    size = height * width + 2 * (height // chroma) * (width // chroma)
+    frames = YUVFrames(torch.randint(0, 256, (2, size), generator=gen, dtype=torch.uint8), height, width, chroma, "bt709")
+    lut = torch.from_numpy(TURBO_LUT.copy())
+    for alpha in (0.0, 0.35, 1.0):
+        got = TRITON.render(star, (height, width), interpolation, frames=frames, alpha=alpha, lut=lut)
+        expected = TORCH.render(star, (height, width), interpolation, frames=frames, alpha=alpha, lut=lut)
+        assert isinstance(got, YUVFrames) and got.data.shape == frames.data.shape
+        diff = (got.data.int() - expected.data.int()).abs()
+        assert int(diff.max()) <= int(np.ceil(alpha * 13)) + 1 and float((diff > 1).float().mean()) <= 5e-3
+        assert float((diff == 0).float().mean()) > 0.99
+    out = frames.like(frames.data.clone())
+    TRITON.render(star, (height, width), interpolation, frames=out, alpha=0.0, lut=lut, out=out)
+    assert torch.equal(out.data, frames.data)  # alpha 0, in place: the frames unchanged
 
 
 class _CountingKernel:

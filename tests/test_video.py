@@ -3,12 +3,15 @@
 network a seeded random resnet18 at 64 x 64, so the point is the plumbing, not the pictures.
 
 Tolerances: heatmaps saved in the .npz are float16 (rounding 2^-11 ~ 5e-4 at 1.0), and a batch of frames and
-a single frame run slightly different conv algorithms (~1e-6): 2e-3. The overlays the pipeline hands to
-the encoder equal ``overlay(frame, engine.explain(frame).heatmap(0))`` to 1 level (rounding), except where a
-heatmap value lies within ~1e-6 of a colour-table step: there the colour is the neighbouring table entry, up
-to ``ceil(alpha * 13) + 1`` levels away (13: the table's largest step), and such values must be rare (<= 0.1%;
-measured: 1 of 18,432 in one of 5 frames); after H.264 (lossy, libx264 at its default quality: 5.8 levels mean abs error measured on
-this noisy texture) each output frame must be closer to its own overlay than to any other frame's.
+a single frame run slightly different conv algorithms (~1e-6): 2e-3. The YUV planes the pipeline hands to
+the encoder equal the float64 reference blend (``tests/reference_blend.py``) of the frame's decoded planes
+with ``engine.explain(frame).heatmap(0)``, except where a heatmap value lies within ~1e-6 of a colour-table
+step: there the colour is the neighbouring table entry, up to ``ceil(alpha * 13) + 1`` levels away (13: the
+table's largest step in any plane), and such values must be rare (<= 0.2%; measured: at most 1 of a
+plane's 1,536 chroma values); after H.264 (lossy, libx264 at
+its default quality) and decoding to RGB, each output frame must be closer to the RGB overlay
+``overlay(frame, heatmap)`` of its own frame than to any other frame's (mean abs error under 10 levels:
+blending in YUV equals blending in RGB up to rounding and 4:2:0 chroma).
 """
 
 from __future__ import annotations
@@ -16,19 +19,21 @@ from __future__ import annotations
 import json
 import zipfile
 from fractions import Fraction
+from itertools import islice
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
+from reference_blend import reference_yuv, yuv_table
 
 from wcam import Engine, Preprocess
 from wcam.cli import main
 from wcam.kernels.resample import normalize_maps
 from wcam.overlay import TURBO_LUT, overlay
 from wcam.video import VideoOptions, explain_video
-from wcam.video.codec import Encoder, VideoError
+from wcam.video.codec import Decoder, Encoder, VideoError
 from wcam.video.pipeline import FrameExplainer
 from wcam.video.sidecar import Sidecars
 
@@ -126,12 +131,27 @@ def test_each_frame_shows_its_own_heatmap(engine, tmp_path):
     for i, got in enumerate(out_frames):
         errors = [np.abs(got.astype(np.float64) - e).mean() for e in expected]
         assert errors[i] < 10.0 and int(np.argmin(errors)) == i, (i, errors)
-    # before encoding: the overlays themselves
+    # before encoding: the drawn YUV planes themselves, against the float64 reference of the blend
+    decoder = Decoder(str(tmp_path / "in.mp4"))
+    pictures = list(islice(decoder.frames((SIZE[1], SIZE[0]), lambda i: True), 5))
+    decoder.close()
     stage = FrameExplainer(engine, VideoOptions(alpha=0.6), SIZE, Sidecars(None, None, None))
-    jump = int(np.ceil(0.6 * np.abs(np.diff(TURBO_LUT.astype(np.int16), axis=0)).max())) + 1
-    for (index, got, _), want in zip(stage.run([(i, f, i / FPS) for i, f in enumerate(frames[:5])]), expected):
-        diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
-        assert diff.max() <= jump and (diff > 1).mean() <= 1e-3, (index, diff.max(), int((diff > 1).sum()))
+    jump = int(np.ceil(0.6 * np.abs(np.diff(yuv_table(TURBO_LUT), axis=0)).max())) + 1
+    for index, ((drawn, when), picture) in enumerate(zip(stage.run(list(enumerate(pictures))), pictures)):
+        assert when == picture.time and np.array_equal(picture.rgb, frames[index])
+        heat = engine.explain(picture.rgb).heatmap(0).double().numpy()
+        expected = reference_yuv(heat, yuv420_planes(picture.yuv), 2, 0.6, TURBO_LUT)
+        for got, (low, high) in zip(yuv420_planes(drawn), expected):
+            off = np.maximum(low - got, got - high).clip(min=0)
+            assert off.max() <= jump and (off > 0).mean() <= 2e-3, (index, off.max(), int((off > 0).sum()))
+
+
+def yuv420_planes(flat: np.ndarray) -> list[np.ndarray]:
+    """The Y, U and V planes (int64) of one flat yuv420p frame of ``SIZE``."""
+    h, w = SIZE
+    values = flat.astype(np.int64)
+    return [values[: h * w].reshape(h, w), values[h * w : h * w * 5 // 4].reshape(h // 2, w // 2),
+            values[h * w * 5 // 4 :].reshape(h // 2, w // 2)]
 
 
 def test_every_reuses_the_last_heatmap(engine, tmp_path):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from wcam.kernels.blend import blend_each, check_frames
+from wcam.kernels.frames import Plane, YUVFrames, frame_planes
 from wcam.kernels.layer_maps import LayerMaps, layer_maps
 from wcam.kernels.resample import normalize_maps, resample, weighted_sum
 from wcam.kernels.winsor import winsor_weights
@@ -48,25 +49,25 @@ class TorchKernels:
         star: Tensor,
         out_size: tuple[int, int],
         interpolation: str,
-        frames: Tensor | None = None,
+        frames: Tensor | YUVFrames | None = None,
         alpha: float = 0.5,
         lut: Tensor | None = None,
-    ) -> Tensor:
-        """Normalised heatmaps at ``out_size`` from sums S* at the layer size, or ``frames`` with them blended in."""
+        out: Tensor | YUVFrames | None = None,
+    ) -> Tensor | YUVFrames:
+        """Normalised heatmaps at ``out_size`` from sums S* at the layer size, or ``frames`` (``B x H x W x 3``
+        uint8 RGB, or :class:`YUVFrames`) with them blended in, coloured by ``lut`` (256 x 3 uint8 RGB), into
+        new frames or ``out`` (frames like ``frames``, which may be ``frames`` itself)."""
         if frames is None:
             return normalize_maps(resample(star, out_size, interpolation))
-        check_frames(frames, (star.shape[0], *out_size))
-        if lut is None:
-            raise ValueError("blending needs a 256 x 3 uint8 colour table")
+        planes, colours, targets, result = _blend_target(star, out_size, frames, lut, out)
         repeated = [False, *(star[1:] == star[:-1]).flatten(1).all(dim=1).tolist()]  # one host sync per batch
-        made: list[Tensor] = []
+        heat = torch.empty(out_size, dtype=star.dtype, device=star.device)  # one buffer for every frame's map
 
-        def heatmap(i: int) -> Tensor:  # frames that share a map (video's --every) share its resampled heatmap
-            if not repeated[i]:
-                made[:] = [normalize_maps(resample(star[i : i + 1], out_size, interpolation))[0]]
-            return made[0]
+        def heatmap(i: int) -> Tensor:
+            return normalize_maps(resample(star[i], out_size, interpolation, out=heat), out=heat)
 
-        return blend_each(heatmap, frames, alpha, lut)
+        blend_each(heatmap, repeated, planes, colours, alpha, targets)
+        return result
 
 
 class TritonKernels(TorchKernels):
@@ -97,11 +98,43 @@ class TritonKernels(TorchKernels):
         star: Tensor,
         out_size: tuple[int, int],
         interpolation: str,
-        frames: Tensor | None = None,
+        frames: Tensor | YUVFrames | None = None,
         alpha: float = 0.5,
         lut: Tensor | None = None,
-    ) -> Tensor:
-        return self._resample.render(star, out_size, interpolation, frames, alpha, lut)
+        out: Tensor | YUVFrames | None = None,
+    ) -> Tensor | YUVFrames:
+        if frames is None:
+            return self._resample.render(star, out_size, interpolation)
+        planes, colours, targets, result = _blend_target(star, out_size, frames, lut, out)
+        self._resample.blend(star, out_size, interpolation, planes, colours, alpha, targets)
+        return result
+
+
+def _blend_target(
+    star: Tensor, out_size: tuple[int, int], frames: Tensor | YUVFrames, lut: Tensor | None, out: Tensor | YUVFrames | None
+) -> tuple[list[Plane], list[Tensor], list[Tensor], Tensor | YUVFrames]:
+    """Checks ``frames`` against the heatmaps' shape and ``out`` against ``frames``, and returns the frames'
+    planes and colours, the output planes, and the output they make up (``out``, or new frames)."""
+    shape = (star.shape[0], *out_size)
+    if isinstance(frames, YUVFrames):
+        if frames.shape != shape:
+            raise ValueError(f"YUV frames of shape {frames.shape} do not match the heatmaps' {shape}")
+        result: Tensor | YUVFrames = frames.like(torch.empty_like(frames.data)) if out is None else out
+        if not isinstance(result, YUVFrames) or result.data.shape != frames.data.shape or result.chroma != frames.chroma:
+            raise ValueError("out must be YUV frames of the same size and layout as the frames")
+        targets = [plane for plane, _ in result.planes()]
+    else:
+        check_frames(frames, shape)
+        result = torch.empty(frames.shape, dtype=torch.uint8, device=frames.device) if out is None else out
+        if not isinstance(result, Tensor) or result.shape != frames.shape or result.dtype != torch.uint8:
+            raise ValueError(f"out must be uint8 {' x '.join(map(str, frames.shape))} like the frames")
+        targets = [result]
+    if any(not target[0].is_contiguous() for target in targets):
+        raise ValueError("out must hold each image's planes contiguously")
+    if lut is None or lut.shape != (256, 3) or lut.dtype != torch.uint8:
+        raise ValueError("blending needs a 256 x 3 uint8 colour table")
+    planes, colours = frame_planes(frames, lut)
+    return planes, colours, targets, result
 
 
 def select_kernels(choice: str | None, device: torch.device) -> TorchKernels:

@@ -3,13 +3,46 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
+
+# FFmpeg's AVColorSpace codes -> the YCbCr matrix swscale converts with (BT.601 for unspecified ones, as it)
+_MATRICES = {1: "bt709", 4: "fcc", 5: "bt601", 6: "bt601", 7: "smpte240m", 9: "bt2020", 10: "bt2020"}
+_SWSCALE = {"bt601": "ITU601", "bt709": "ITU709", "fcc": "FCC", "smpte240m": "SMPTE240M", "bt2020": "BT2020"}
+_JPEG_RANGE = 2  # AVCOL_RANGE_JPEG: full-range values
+
+
+@dataclass(frozen=True)
+class Colours:
+    """How the input's YUV values map to colours: the YCbCr matrix (a key of
+    :data:`wcam.kernels.frames.MATRICES`) and the input's H.273 tags, which the output carries on. Frames
+    reach the blend, and the output, in limited range whatever the input's."""
+
+    matrix: str = "bt601"
+    colorspace: int = 2  # unspecified
+    primaries: int = 2
+    transfer: int = 2
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A decoded frame: planar YUV at the output size (limited range; flat, the planes one after the other:
+    yuv420p or yuv444p), its RGB at the input size when the network needs it, and its time in seconds."""
+
+    yuv: np.ndarray
+    rgb: np.ndarray | None
+    time: float
+
+
+def pixel_format(width: int, height: int) -> str:
+    """The planar format frames are drawn and encoded in: 4:2:0 (H.264's usual) for even sizes, else 4:4:4."""
+    return "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
 
 
 class VideoError(RuntimeError):
@@ -25,8 +58,8 @@ def _av():
 
 
 class Decoder:
-    """Decodes the first video stream of a file, URL (rtsp://, http://) or device (``v4l2:/dev/video0``)
-    into RGB frames of the first frame's size, with their presentation times in seconds."""
+    """Decodes the first video stream of a file, URL (rtsp://, http://) or device (``v4l2:/dev/video0``):
+    planar YUV to draw on, and RGB of the first frame's size for the network."""
 
     def __init__(self, source: str) -> None:
         av = _av()
@@ -51,14 +84,28 @@ class Decoder:
             raise VideoError(f"cannot read the frame size of {source} (unsupported codec?)")
         self.rate: Fraction = self.stream.average_rate or self.stream.guessed_rate or Fraction(25)
         self.declared_frames = int(self.stream.frames or 0)
+        context = self.stream.codec_context
+        self.colours = Colours(_MATRICES.get(int(context.colorspace), "bt601"), int(context.colorspace),
+                               int(context.color_primaries), int(context.color_trc))
 
-    def frames(self) -> Iterator[tuple[np.ndarray, float]]:
-        """``(H x W x 3 uint8 RGB, time in seconds)`` per frame, in presentation order."""
+    def frames(self, size: tuple[int, int], rgb: Callable[[int], bool]) -> Iterator[Picture]:
+        """The frames in presentation order: planar YUV at ``size`` = (width, height), and RGB at the input
+        size for the frames whose index ``rgb`` picks. Planes already in the output's format and size are
+        taken as they are (one copy); others are resampled (swscale's bilinear) or converted."""
         av = _av()
+        from av.video.reformatter import ColorRange
+
+        width, height = size
+        layout = pixel_format(width, height)
+        colorspace = _SWSCALE[self.colours.matrix]
         try:
-            for frame in self.container.decode(self.stream):
-                when = float(frame.time) if frame.time is not None else 0.0
-                yield frame.to_ndarray(format="rgb24", width=self.width, height=self.height), when
+            for index, frame in enumerate(self.container.decode(self.stream)):
+                full = frame.color_range == _JPEG_RANGE or frame.format.name.startswith("yuvj")
+                planar = frame.reformat(width=width, height=height, format=layout, src_colorspace=colorspace,
+                                        dst_colorspace=colorspace, src_color_range=ColorRange.JPEG if full else ColorRange.MPEG,
+                                        dst_color_range=ColorRange.MPEG)
+                picture = frame.to_ndarray(format="rgb24", width=self.width, height=self.height) if rgb(index) else None
+                yield Picture(planar.to_ndarray().reshape(-1), picture, float(frame.time) if frame.time is not None else 0.0)
         except (av.error.FFmpegError, OSError) as exc:
             raise VideoError(_reason(exc)) from None
 
@@ -67,10 +114,11 @@ class Decoder:
 
 
 class Encoder:
-    """Encodes RGB frames to H.264 (libx264 at the given preset) at a fixed frame rate, timestamps taken from
-    the input frames' times; ``close`` flushes and finalises the file."""
+    """Encodes planar YUV frames (see :class:`Picture`) to H.264 (libx264 at the given preset) at a fixed frame
+    rate, timestamps taken from the input frames' times, tagged with the input's colours; ``close`` flushes
+    and finalises the file."""
 
-    def __init__(self, path: str | Path, width: int, height: int, rate: Fraction, preset: str) -> None:
+    def __init__(self, path: str | Path, width: int, height: int, rate: Fraction, preset: str, colours: Colours = Colours()) -> None:
         av = _av()
         self.path = str(path)
         if not Path(self.path).resolve().parent.is_dir():
@@ -85,15 +133,19 @@ class Encoder:
             self.container.close()
             raise VideoError(f"cannot encode H.264 into {self.path}: {_reason(exc)}") from None
         self.stream.width, self.stream.height = width, height
-        # yuv420p halves chroma in both directions and needs even sizes; odd sizes get full chroma
-        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        self.stream.pix_fmt = pixel_format(width, height)
+        context = self.stream.codec_context
+        context.colorspace, context.color_primaries, context.color_trc = colours.colorspace, colours.primaries, colours.transfer
+        context.color_range = 1  # limited (MPEG): what the frames hold
+        self.shape = (height * 3 // 2, width) if self.stream.pix_fmt == "yuv420p" else (3, height, width)
         self.rate = rate
         self._last = -1
         self._closed = False
 
-    def write(self, rgb: np.ndarray, when: float) -> None:
+    def write(self, yuv: np.ndarray, when: float) -> None:
+        """Encode one frame's flat planes (the stream's pixel format and size) shown at ``when`` seconds."""
         av = _av()
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(yuv).reshape(self.shape), format=self.stream.pix_fmt)
         self._last = max(round(when * self.rate), self._last + 1)  # strictly increasing, on the rate's grid
         frame.pts = self._last
         try:

@@ -3,7 +3,8 @@
 The decoder (PyAV), the drawing of the heatmaps into the frames, and the encoder (PyAV, H.264) each run in a
 thread of their own, and the network in the calling thread, so the slowest stage alone sets the rate (on a
 CPU the network of one batch overlaps the drawing of the last) and at most a few batches of frames are in
-memory on an endless stream. Whatever stops the run (the end of the input, a corrupt or truncated frame,
+memory on an endless stream. Frames stay in the decoder's planar YUV from decoding to encoding (the heatmap
+is blended in YUV); only the frames the network explains are converted to RGB. Whatever stops the run (the end of the input, a corrupt or truncated frame,
 Ctrl-C, an error in the engine) every frame explained so far is drawn, the encoder flushed and the output
 file closed, so those frames stay playable.
 """
@@ -21,13 +22,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from wcam.engine.engine import Engine
+from wcam.kernels.frames import YUVFrames
 from wcam.kernels.resample import normalize_maps
 from wcam.kernels.transfer import to_device
 from wcam.overlay import TURBO_LUT
-from wcam.video.codec import Decoder, Encoder, VideoError
+from wcam.video.codec import Colours, Decoder, Encoder, Picture, VideoError, pixel_format
 from wcam.video.sidecar import Sidecars
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,9 @@ def explain_video(
     width, height = options.size or (decoder.width, decoder.height)
     encoder = None
     try:  # everything that can refuse to start does so before any thread runs
-        encoder = Encoder(output, width, height, decoder.rate, options.preset)
-        explainer = FrameExplainer(engine, options, (height, width), Sidecars(options.jsonl, options.npz, engine.categories))
+        encoder = Encoder(output, width, height, decoder.rate, options.preset, decoder.colours)
+        sidecars = Sidecars(options.jsonl, options.npz, engine.categories)
+        explainer = FrameExplainer(engine, options, (height, width), sidecars, decoder.colours)
     except BaseException:
         if encoder is not None:
             encoder.close()
@@ -113,14 +115,15 @@ def explain_video(
     draw = threading.Thread(target=_draw, args=(explainer, to_draw, frames_out, encode, stop, summary, problems, stream),
                             name="wcam-draw", daemon=True)
     threads = [
-        threading.Thread(target=_decode, args=(decoder, frames_in, stop, summary, problems), name="wcam-decode", daemon=True),
+        threading.Thread(target=_decode, args=(decoder, (width, height), options.every, frames_in, stop, summary, problems),
+                         name="wcam-decode", daemon=True),
         draw,
         encode,
     ]
     for thread in threads:
         thread.start()
     try:
-        batch: list[tuple[int, np.ndarray, float]] = []
+        batch: list[tuple[int, Picture]] = []
         while True:
             item = frames_in.get()
             if item is not _END:
@@ -175,15 +178,25 @@ def _drain(frames: queue.Queue) -> None:
         pass
 
 
-def _decode(decoder: Decoder, frames: queue.Queue, stop: threading.Event, summary: VideoSummary, problems: list[str]) -> None:
+def _decode(
+    decoder: Decoder,
+    size: tuple[int, int],
+    every: int,
+    frames: queue.Queue,
+    stop: threading.Event,
+    summary: VideoSummary,
+    problems: list[str],
+) -> None:
+    """Decode into ``(index, Picture)`` pairs at the output ``size`` (width, height), with RGB for every
+    ``every``-th frame (the ones the network explains), until the end marker."""
     index = 0
     try:
         tick = time.perf_counter()
-        for image, when in decoder.frames():
+        for picture in decoder.frames(size, lambda i: i % every == 0):
             summary.seconds["decode"] += time.perf_counter() - tick
             while not stop.is_set():
                 try:
-                    frames.put((index, image, when), timeout=0.1)
+                    frames.put((index, picture), timeout=0.1)
                     break
                 except queue.Full:
                     continue
@@ -255,7 +268,7 @@ def _encode(encoder: Encoder, frames: queue.Queue, stop: threading.Event, summar
             if item is _END:
                 break
             tick = time.perf_counter()
-            encoder.write(item[1], item[2])
+            encoder.write(*item)
             summary.frames += 1
             summary.seconds["encode"] += time.perf_counter() - tick
     except Exception as exc:  # VideoError from FFmpeg, or anything else: say so, and let the others stop
@@ -272,11 +285,11 @@ def _encode(encoder: Encoder, frames: queue.Queue, stop: threading.Event, summar
 
 @dataclass(frozen=True)
 class ExplainedBatch:
-    """One batch between the explaining and the drawing stage: ``(index, frame, time)`` triples, the frames on
-    the engine's device (B x H x W x 3 uint8), their normalised maps at the layer size, their records."""
+    """One batch between the explaining and the drawing stage: ``(index, Picture)`` pairs, their YUV frames on
+    the engine's device, their normalised maps at the layer size, their records."""
 
-    batch: list[tuple[int, np.ndarray, float]]
-    frames: torch.Tensor
+    batch: list[tuple[int, Picture]]
+    frames: YUVFrames
     maps: torch.Tensor
     records: list[dict[str, Any]]
 
@@ -284,31 +297,36 @@ class ExplainedBatch:
 class FrameExplainer:
     """The engine's stages: :meth:`explain` explains every ``every``-th frame (in batches) and smooths;
     :meth:`draw` blends the heatmaps into the frames at the output size on the engine's device. Each takes
-    the batches in order (``(index, RGB frame, time)`` triples); ``draw`` returns ``(index, overlay, time)``."""
+    the batches in order (``(index, Picture)`` pairs, the pictures at the output size); ``draw`` returns
+    ``(flat YUV frame, time)`` pairs for the encoder."""
 
-    def __init__(self, engine: Engine, options: VideoOptions, size: tuple[int, int], sidecars: Sidecars) -> None:
+    def __init__(
+        self, engine: Engine, options: VideoOptions, size: tuple[int, int], sidecars: Sidecars, colours: Colours = Colours()
+    ) -> None:
         self.engine = engine
         self.options = options
         self.size = size
         self.sidecars = sidecars
+        self.colours = colours
         self.lut = torch.from_numpy(TURBO_LUT.copy()).to(engine.device)
         self.last: tuple[torch.Tensor, dict[str, Any]] | None = None  # normalised map at layer size, its record
         self.next_index = 0
         self.explained = 0
 
-    def run(self, batch: list[tuple[int, np.ndarray, float]]) -> list[tuple[int, np.ndarray, float]]:
+    def run(self, batch: list[tuple[int, Picture]]) -> list[tuple[np.ndarray, float]]:
         """:meth:`explain` then :meth:`draw`, in this thread."""
         return self.draw(self.explain(batch))
 
-    def explain(self, batch: list[tuple[int, np.ndarray, float]]) -> "ExplainedBatch":
+    def explain(self, batch: list[tuple[int, Picture]]) -> "ExplainedBatch":
         """The network's part: upload the frames, explain every ``every``-th one, smooth; in frame order."""
         every = self.options.every
         device = self.engine.device
-        frames = to_device(torch.from_numpy(np.stack([image for _, image, _ in batch])), device)  # one upload
-        chosen = [k for k, (index, _, _) in enumerate(batch) if index % every == 0]
-        fresh = iter(self._explain(_pick(frames, chosen))) if chosen else iter(())
+        chosen = [picture.rgb for index, picture in batch if index % every == 0]
+        if any(image is None for image in chosen):
+            raise ValueError(f"the frames to explain (every {every}-th) must come with their RGB pictures")
+        fresh = iter(self._explain(to_device(torch.from_numpy(np.stack(chosen)), device))) if chosen else iter(())
         maps, records = [], []
-        for index, _, when in batch:
+        for index, picture in batch:
             if index % every == 0:
                 current, record = next(fresh)
                 if self.last is not None and self.options.smooth > 0:
@@ -316,19 +334,21 @@ class FrameExplainer:
                 self.last = (current, record)
                 self.explained += 1
             maps.append(self.last[0])
-            records.append({"frame": index, "time": when, "explained": index % every == 0, **self.last[1]})
+            records.append({"frame": index, "time": picture.time, "explained": index % every == 0, **self.last[1]})
         self.next_index = batch[-1][0] + 1
+        height, width = self.size
+        planes = to_device(torch.from_numpy(np.stack([picture.yuv for _, picture in batch])), device)  # one upload
+        chroma = 2 if pixel_format(width, height) == "yuv420p" else 1
+        frames = YUVFrames(planes, height, width, chroma, self.colours.matrix)
         return ExplainedBatch(batch, frames, torch.stack(maps), records)
 
-    def draw(self, explained: "ExplainedBatch") -> list[tuple[int, np.ndarray, float]]:
-        """The heatmaps blended into their frames at the output size, and the side outputs written."""
+    def draw(self, explained: "ExplainedBatch") -> list[tuple[np.ndarray, float]]:
+        """The heatmaps blended into their frames (in place) at the output size, and the side outputs written."""
         frames, stacked = explained.frames, explained.maps
-        if tuple(frames.shape[1:3]) != self.size:
-            frames = _resize_frames(frames, self.size)
         kernels, interpolation = self.engine.kernels, self.engine.interpolation
-        overlays = kernels.render(stacked, self.size, interpolation, frames=frames, alpha=self.options.alpha, lut=self.lut)
+        kernels.render(stacked, self.size, interpolation, frames=frames, alpha=self.options.alpha, lut=self.lut, out=frames)
         self.sidecars.write(explained.records, stacked, self.size, lambda: kernels.render(stacked, self.engine.preprocess.size, interpolation))
-        return [(index, overlay, when) for (index, _, when), overlay in zip(explained.batch, overlays.cpu().numpy())]
+        return [(planes, picture.time) for (_, picture), planes in zip(explained.batch, frames.data.cpu().numpy())]
 
     def _explain(self, frames: torch.Tensor) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         """Explain ``B x H x W x 3`` uint8 frames (on the device): normalised maps at the layer size and records."""
@@ -340,20 +360,3 @@ class FrameExplainer:
 
     def close(self) -> None:
         self.sidecars.close()
-
-
-def _pick(frames: torch.Tensor, chosen: list[int]) -> torch.Tensor:
-    """``frames[chosen]``, as a strided view when the positions are evenly spaced (consecutive frame indices
-    with ``--every``: no copy of the 1080p frames; the gather measured 18 ms for three of them on the 2-core CPU)."""
-    step = chosen[1] - chosen[0] if len(chosen) > 1 else 1
-    if chosen == list(range(chosen[0], chosen[-1] + 1, step)):
-        return frames[chosen[0] : chosen[-1] + 1 : step]
-    return frames.index_select(0, to_device(torch.tensor(chosen), frames.device))
-
-
-def _resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``B x H x W x 3`` uint8 frames resized (antialiased bilinear) to ``size`` = (height, width), on their device."""
-    x = frames.permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-

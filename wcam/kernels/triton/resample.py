@@ -7,8 +7,9 @@ blending the coloured heatmap into the frame.
 2. ``_upsample_kernel``, one program per (image, block of output pixels): ``S = R(S*)`` at the output size
    (which may be a 1920 x 1080 frame), optionally written, and its per-image min and max (atomics).
 3. ``_render_kernel``: resamples S* again (cheaper than reading S back) and writes
-   ``(S - min S) / (max S - min S)`` (0 for a constant map), or, with a frame, the Turbo colour of that value
-   blended into the uint8 RGB frame: ``round((1 - alpha) frame + alpha colour)``.
+   ``(S - min S) / (max S - min S)`` (0 for a constant map); or ``_blend_kernel``, one launch per plane of
+   the frames (one for RGB, three for YUV): the colour of that value blended into the uint8 plane,
+   ``round((1 - alpha) value + alpha colour)``, the heatmap averaged over 2 x 2 blocks on half-size planes.
 
 R is torch's ``interpolate``: bilinear with align_corners=False (source ``max((i + 0.5) in / out - 0.5, 0)``,
 computed in the maps' dtype) or nearest (``min(floor(i * (in / out)), in - 1)`` in fp32), so the results
@@ -17,7 +18,7 @@ equal the torch path's to rounding.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -100,24 +101,50 @@ def _upsample_kernel(star, star_h, star_w, sums, out_h, out_w, stats, WRITE: tl.
     tl.atomic_max(stats + 2 * b + 1, tl.max(tl.where(m, v, float("-inf")), axis=0))
 
 
-@triton.jit(do_not_specialize=["star_h", "star_w", "out_h", "out_w", "alpha"])
-def _render_kernel(star, star_h, star_w, out_h, out_w, stats, heat, frames, lut, alpha, BLEND: tl.constexpr,
-                   NEAREST: tl.constexpr, BLOCK: tl.constexpr):
-    """The normalised heatmap on the program's output pixels, or (BLEND) the frame with it blended in."""
+@triton.jit(do_not_specialize=["star_h", "star_w", "out_h", "out_w"])
+def _render_kernel(star, star_h, star_w, out_h, out_w, stats, heat, NEAREST: tl.constexpr, BLOCK: tl.constexpr):
+    """The normalised heatmap on the program's output pixels."""
     b, pix, m, v = _output_tile(star, star_h, star_w, out_h, out_w, NEAREST, BLOCK)
+    tl.store(heat + b * out_h * out_w + pix, _normalised(v, stats, b), mask=m)
+
+
+@triton.jit
+def _normalised(v, stats, b):
+    """``(v - min) / (max - min)`` with image b's min and max, 0 for a constant map."""
     low = tl.load(stats + 2 * b)
     spread = tl.load(stats + 2 * b + 1) - low
-    h = tl.where(spread > 0, (v - low) / tl.where(spread > 0, spread, 1.0), 0.0)
-    if BLEND:
-        index = (tl.minimum(tl.maximum(h.to(tl.float32), 0.0), 1.0) * 255.0 + 0.5).to(tl.int32)
-        at = b * out_h * out_w * 3 + pix * 3
-        for c in tl.static_range(3):
-            colour = tl.load(lut + index * 3 + c, mask=m, other=0).to(tl.float32)
-            image = tl.load(frames + at + c, mask=m, other=0).to(tl.float32)
-            mixed = (1.0 - alpha) * image + alpha * colour + 0.5
-            tl.store(heat + at + c, tl.minimum(tl.maximum(mixed, 0.0), 255.0).to(tl.uint8), mask=m)
-    else:
-        tl.store(heat + b * out_h * out_w + pix, h, mask=m)
+    return tl.where(spread > 0, (v - low) / tl.where(spread > 0, spread, 1.0), 0.0)
+
+
+@triton.jit(do_not_specialize=["star_h", "star_w", "out_h", "out_w", "plane_h", "plane_w", "src_stride", "dst_stride", "alpha"])
+def _blend_kernel(star, star_h, star_w, out_h, out_w, stats, src, src_stride, dst, dst_stride, plane_h, plane_w, colours, alpha,
+                  CHANNELS: tl.constexpr, STEP: tl.constexpr, NEAREST: tl.constexpr, BLOCK: tl.constexpr):
+    """One plane of the frames (``plane_h x plane_w x CHANNELS`` uint8 per image, each image's plane
+    contiguous, images ``src_stride`` apart; ``dst`` likewise, ``dst_stride`` apart) with the coloured
+    heatmap blended in: ``g`` = the normalised heatmap at the pixel (STEP 1) or its mean over the 2 x 2 block
+    of output pixels (STEP 2), colour index ``round(255 clip(g))``, value
+    ``round((1 - alpha) v + alpha colours[index, c])``."""
+    b = tl.program_id(1).to(tl.int64)
+    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = pix < plane_h * plane_w
+    y = pix // plane_w
+    x = pix % plane_w
+    if STEP == 1:
+        g = _normalised(_sample(star + b * star_h * star_w, star_h, star_w, y, x, out_h, out_w, m, NEAREST), stats, b)
+    else:  # summed in avg_pool2d's order: (0, 0), (0, 1), (1, 0), (1, 1)
+        g = tl.zeros([BLOCK], dtype=star.dtype.element_ty)
+        for dy in tl.static_range(2):
+            for dx in tl.static_range(2):
+                v = _sample(star + b * star_h * star_w, star_h, star_w, 2 * y + dy, 2 * x + dx, out_h, out_w, m, NEAREST)
+                g += _normalised(v, stats, b)
+        g = g * 0.25
+    index = (tl.minimum(tl.maximum(g.to(tl.float32), 0.0), 1.0) * 255.0 + 0.5).to(tl.int32)
+    for c in tl.static_range(CHANNELS):
+        colour = tl.load(colours + index * CHANNELS + c, mask=m, other=0.0)
+        image = tl.load(src + b * src_stride + pix * CHANNELS + c, mask=m, other=0).to(tl.float32)
+        mixed = (1.0 - alpha) * image + alpha * colour + 0.5
+        out = tl.minimum(tl.maximum(mixed, 0.0), 255.0).to(tl.uint8)
+        tl.store(dst + b * dst_stride + pix * CHANNELS + c, out, mask=m)
 
 
 def _interpolation(interpolation: str) -> bool:
@@ -169,41 +196,52 @@ def upsample(star: Tensor, stats: Tensor, out_size: tuple[int, int], interpolati
     return sums if write else None
 
 
-def render(
+def render(star: Tensor, out_size: tuple[int, int], interpolation: str, stats: Tensor | None = None) -> Tensor:
+    """The normalised heatmaps at ``out_size`` (B x H x W) from S*. ``stats``: the output's min/max as
+    :func:`upsample` reduced them, when already known; else one more launch reduces them here."""
+    star = star.contiguous()
+    stats = _stats(star, out_size, interpolation) if stats is None else stats
+    out_h, out_w = out_size
+    batch, star_h, star_w = star.shape
+    heat = torch.empty((batch, out_h, out_w), dtype=star.dtype, device=star.device)
+    grid = (triton.cdiv(out_h * out_w, BLOCK), batch)
+    _render_kernel[grid](star, star_h, star_w, out_h, out_w, stats, heat, NEAREST=_interpolation(interpolation), BLOCK=BLOCK)
+    return heat
+
+
+def blend(
     star: Tensor,
     out_size: tuple[int, int],
     interpolation: str,
-    frames: Tensor | None = None,
-    alpha: float = 0.5,
-    lut: Tensor | None = None,
-    stats: Tensor | None = None,
-) -> Tensor:
-    """The normalised heatmaps at ``out_size`` (B x H x W) from S*, or, given ``frames`` (B x H x W x 3 uint8
-    RGB) and a 256 x 3 uint8 ``lut``, the blended frames. ``stats``: the output's min/max as :func:`upsample`
-    reduced them, when already known; else one more launch reduces them here."""
+    planes: Sequence[tuple[Tensor, int]],
+    colours: Sequence[Tensor],
+    alpha: float,
+    out: Sequence[Tensor],
+) -> None:
+    """The heatmaps rendered from S* at ``out_size`` blended into frames given as planes (``B x h x w x C``
+    uint8 and a step of 1 or 2, see :mod:`wcam.kernels.frames`) into ``out``, with ``colours`` (``256 x C``
+    float per plane): one launch reduces the min/max, then one per plane."""
     star = star.contiguous()
-    if stats is None:
-        stats = torch.full((star.shape[0], 2), float("inf"), dtype=star.dtype, device=star.device)
-        stats[:, 1] = float("-inf")  # fills on the device: no host-to-device copy
-        upsample(star, stats, out_size, interpolation, write=False)
+    stats = _stats(star, out_size, interpolation)
     out_h, out_w = out_size
     batch, star_h, star_w = star.shape
     nearest = _interpolation(interpolation)
-    grid = (triton.cdiv(out_h * out_w, BLOCK), batch)
-    if frames is None:
-        heat = torch.empty((batch, out_h, out_w), dtype=star.dtype, device=star.device)
-        _render_kernel[grid](star, star_h, star_w, out_h, out_w, stats, heat, heat, heat, 0.0,
-                             BLEND=False, NEAREST=nearest, BLOCK=BLOCK)
-        return heat
-    if frames.shape != (batch, out_h, out_w, 3) or frames.dtype != torch.uint8:
-        raise ValueError(f"frames must be {batch} x {out_h} x {out_w} x 3 uint8, got {tuple(frames.shape)} {frames.dtype}")
-    if lut is None or lut.shape != (256, 3) or lut.dtype != torch.uint8:
-        raise ValueError("blending needs a 256 x 3 uint8 colour table")
-    frames = frames.contiguous()
-    out = torch.empty_like(frames)
-    _render_kernel[grid](star, star_h, star_w, out_h, out_w, stats, out, frames, lut.to(star.device).contiguous(),
-                         float(alpha), BLEND=True, NEAREST=nearest, BLOCK=BLOCK)
-    return out
+    for (plane, step), colour, target in zip(planes, colours, out):
+        _, plane_h, plane_w, channels = plane.shape
+        if not plane[0].is_contiguous():
+            plane = plane.contiguous()
+        grid = (triton.cdiv(plane_h * plane_w, BLOCK), batch)
+        colour = colour.to(device=star.device, dtype=torch.float32).contiguous()
+        _blend_kernel[grid](star, star_h, star_w, out_h, out_w, stats, plane, plane.stride(0), target, target.stride(0),
+                            plane_h, plane_w, colour, float(alpha), CHANNELS=channels, STEP=step, NEAREST=nearest, BLOCK=BLOCK)
+
+
+def _stats(star: Tensor, out_size: tuple[int, int], interpolation: str) -> Tensor:
+    """The per-image min and max of R(S*) at ``out_size`` (B x 2), in one launch."""
+    stats = torch.full((star.shape[0], 2), float("inf"), dtype=star.dtype, device=star.device)
+    stats[:, 1] = float("-inf")  # fills on the device: no host-to-device copy
+    upsample(star, stats, out_size, interpolation, write=False)
+    return stats
 
 
 def weighted_sum(
