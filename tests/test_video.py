@@ -33,27 +33,36 @@ from wcam.cli import main
 from wcam.kernels.resample import normalize_maps
 from wcam.overlay import TURBO_LUT, overlay
 from wcam.video import VideoOptions, explain_video
-from wcam.video.codec import Decoder, Encoder, VideoError
+from wcam.video.codec import Decoder, Encoder, VideoError, planar
 from wcam.video.pipeline import FrameExplainer
 from wcam.video.sidecar import Sidecars
 
 SIZE = (64, 96)  # frame height, width
 FPS = 12
+COLORSPACES = {1: "ITU709", 2: "ITU601"}  # H.273 matrix tag -> swscale's name
 
 
-def make_video(path: Path, count: int = 12, faststart: bool = False) -> list[np.ndarray]:
-    """Write a clip and return its frames as PyAV decodes them (the pixels the pipeline sees)."""
+def make_video(path: Path, count: int = 12, faststart: bool = False, pix_fmt: str = "yuv420p", colorspace: int = 2,
+               flat: bool = False) -> list[np.ndarray]:
+    """Write a clip and return its frames as PyAV decodes them (the pixels the pipeline sees). ``pix_fmt``
+    ``yuvj420p`` makes it full range; ``colorspace`` is its H.273 matrix tag (1: BT.709); ``flat`` draws flat
+    patches instead of noise, encoded losslessly."""
     rng = np.random.default_rng(0)
     background = rng.integers(0, 120, size=(*SIZE, 3), dtype=np.uint8)
     texture = rng.integers(150, 256, size=(20, 20, 3), dtype=np.uint8)
+    if flat:
+        background[:] = (30, 60, 90)
+        background[:, SIZE[1] // 2 :] = (220, 200, 180)
+        texture[:] = (250, 240, 20)
     container = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})
-    stream = container.add_stream("libx264", rate=FPS)
-    stream.width, stream.height, stream.pix_fmt = SIZE[1], SIZE[0], "yuv420p"
+    stream = container.add_stream("libx264", rate=FPS, options={"qp": "0"} if flat else {})
+    stream.width, stream.height, stream.pix_fmt = SIZE[1], SIZE[0], pix_fmt
+    stream.codec_context.colorspace = colorspace
     for i in range(count):
         image = background.copy()
         x = 4 + 5 * i % (SIZE[1] - 24)
         image[22:42, x : x + 20] = texture
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt, dst_colorspace=COLORSPACES[colorspace])
         frame.pts = i
         for packet in stream.encode(frame):
             container.mux(packet)
@@ -290,3 +299,50 @@ def test_cli_writes_video_and_sidecars(tmp_path, capsys):
     assert len(frames) == 12 and frames[0].shape == (32, 48, 3)
     assert len((tmp_path / "f.jsonl").read_text().splitlines()) == 12
     assert len(zipfile.ZipFile(tmp_path / "h.npz").namelist()) == 12
+
+
+def test_full_range_bt709_input_keeps_its_colours(engine, tmp_path):
+    """A full-range, BT.709-tagged input (a webcam's MJPEG-style range, HD's matrix): the overlays are drawn
+    with the BT.709 colours, the output is limited range and tagged BT.709, and with alpha 0 it shows the
+    input's colours (flat patches, lossless input: mean error under 2 levels; read as limited range without
+    conversion it would be off by ~10)."""
+    frames = make_video(tmp_path / "in.mp4", count=6, pix_fmt="yuvj420p", colorspace=1, flat=True)
+    decoder = Decoder(str(tmp_path / "in.mp4"))
+    assert decoder.colours.matrix == "bt709"
+    pictures = list(islice(decoder.frames((SIZE[1], SIZE[0]), lambda i: True), 3))
+    decoder.close()
+    explained = FrameExplainer(engine, VideoOptions(), SIZE, Sidecars(None, None, None), decoder.colours).explain(list(enumerate(pictures)))
+    assert explained.frames.matrix == "bt709" and not explained.frames.full_range
+    summary = explain_video(engine, str(tmp_path / "in.mp4"), tmp_path / "out.mp4", VideoOptions(batch_size=4, alpha=0.0))
+    assert summary.stopped is None and summary.frames == 6
+    with av.open(str(tmp_path / "out.mp4")) as container:
+        context = container.streams.video[0].codec_context
+        assert (context.colorspace, context.color_range, context.format.name) == (1, 1, "yuv420p")
+    for got, want in zip(decode(tmp_path / "out.mp4")[0], frames):
+        assert np.abs(got.astype(np.float64) - want).mean() < 2.0
+
+
+def test_odd_output_size_is_drawn_in_full_chroma(engine, tmp_path):
+    """An odd output size cannot be 4:2:0: frames are drawn and encoded as 4:4:4, at the asked size."""
+    make_video(tmp_path / "in.mp4", count=5)
+    summary = explain_video(engine, str(tmp_path / "in.mp4"), tmp_path / "out.mp4", VideoOptions(batch_size=2, size=(47, 33)))
+    assert summary.stopped is None and summary.frames == 5
+    out_frames = decode(tmp_path / "out.mp4")[0]
+    assert len(out_frames) == 5 and out_frames[0].shape == (33, 47, 3)
+    with av.open(str(tmp_path / "out.mp4")) as container:
+        assert container.streams.video[0].codec_context.format.name == "yuv444p"
+
+
+def test_full_range_planes_tagged_as_such_are_converted_to_limited_range():
+    """HEVC and AV1 decoders hand full-range frames as yuv420p tagged JPEG range (H.264's as yuvj420p): both
+    become limited range (16 + 219/255 Y for luma), untagged and limited frames pass unchanged."""
+    values = np.zeros(64 * 48 * 3 // 2, dtype=np.uint8)
+    values[: 64 * 48] = np.linspace(0, 255, 64 * 48).astype(np.uint8)
+    values[64 * 48 :] = 128
+    frame = av.VideoFrame.from_ndarray(values.reshape(72, 64), format="yuv420p")
+    assert np.array_equal(planar(frame, (64, 48), "bt601"), values)
+    frame.color_range = 2  # JPEG: full range
+    luma = planar(frame, (64, 48), "bt601")[: 64 * 48].astype(np.float64)
+    np.testing.assert_allclose(luma, 16 + values[: 64 * 48].astype(np.float64) * 219 / 255, atol=1.0)
+    yuvj = frame.reformat(format="yuvj420p")
+    np.testing.assert_allclose(planar(yuvj, (64, 48), "bt601")[: 64 * 48], luma, atol=1.0)

@@ -93,24 +93,32 @@ class Decoder:
         size for the frames whose index ``rgb`` picks. Planes already in the output's format and size are
         taken as they are (one copy); others are resampled (swscale's bilinear) or converted."""
         av = _av()
-        from av.video.reformatter import ColorRange
-
-        width, height = size
-        layout = pixel_format(width, height)
-        colorspace = _SWSCALE[self.colours.matrix]
         try:
             for index, frame in enumerate(self.container.decode(self.stream)):
-                full = frame.color_range == _JPEG_RANGE or frame.format.name.startswith("yuvj")
-                planar = frame.reformat(width=width, height=height, format=layout, src_colorspace=colorspace,
-                                        dst_colorspace=colorspace, src_color_range=ColorRange.JPEG if full else ColorRange.MPEG,
-                                        dst_color_range=ColorRange.MPEG)
                 picture = frame.to_ndarray(format="rgb24", width=self.width, height=self.height) if rgb(index) else None
-                yield Picture(planar.to_ndarray().reshape(-1), picture, float(frame.time) if frame.time is not None else 0.0)
+                when = float(frame.time) if frame.time is not None else 0.0
+                yield Picture(planar(frame, size, self.colours.matrix), picture, when)
         except (av.error.FFmpegError, OSError) as exc:
             raise VideoError(_reason(exc)) from None
 
     def close(self) -> None:
         self.container.close()
+
+
+def planar(frame, size: tuple[int, int], matrix: str) -> np.ndarray:
+    """One decoded frame (a PyAV ``VideoFrame``) as flat planar YUV at ``size`` = (width, height) in
+    :func:`pixel_format`, limited range: full-range input (a yuvj format, or tagged so) is converted, others
+    are taken as they are (one copy) when format and size already match; ``matrix`` is the input's, used
+    where the input is RGB."""
+    from av.video.reformatter import ColorRange
+
+    width, height = size
+    colorspace = _SWSCALE[matrix]
+    full = frame.color_range == _JPEG_RANGE or frame.format.name.startswith("yuvj")
+    converted = frame.reformat(width=width, height=height, format=pixel_format(width, height), src_colorspace=colorspace,
+                               dst_colorspace=colorspace, src_color_range=ColorRange.JPEG if full else ColorRange.MPEG,
+                               dst_color_range=ColorRange.MPEG)
+    return converted.to_ndarray().reshape(-1)
 
 
 class Encoder:
