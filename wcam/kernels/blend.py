@@ -52,17 +52,16 @@ def blend_each(
     """
     device = planes[0][0].device
     tables = [_table(colour.to(device), alpha) for colour in colours]
-    indices: dict[tuple[int, int], Tensor] = {}  # (step, channels): colour index x 256 C, for the current map
+    indices: dict[tuple[int, int], Tensor] = {}  # (step, channels): the current map's colour index x 256 C
     scratch = torch.empty(2 * BAND + 8 * max(plane.shape[2] for plane, _ in planes), dtype=torch.float32, device=device)
     buffer = torch.empty(BAND + max(plane.shape[2] * plane.shape[3] for plane, _ in planes), dtype=torch.int32, device=device)
+    for plane, step in planes:  # one index per plane size and channel count (a YUV frame's U and V share one)
+        indices.setdefault((step, plane.shape[-1]), torch.empty(plane.shape[1:3], dtype=torch.int32, device=device))
     for i in range(planes[0][0].shape[0]):
         if not repeated[i]:
             heat = heatmap(i)
-            for plane, step in planes:
-                key = (step, plane.shape[-1])
-                if key not in indices:
-                    indices[key] = torch.empty(plane.shape[1:3], dtype=torch.int32, device=device)
-                colour_index(heat, step, 256 * plane.shape[-1], indices[key], scratch)
+            for (step, channels), index in indices.items():
+                colour_index(heat, step, 256 * channels, index, scratch)
         for (plane, step), table, target in zip(planes, tables, out):
             _gather(indices[(step, plane.shape[-1])], plane[i], table, target[i], buffer)
 
