@@ -1,5 +1,6 @@
 """Backbone runner on ``torch.compile``: the joint forward + activation-gradient graph (the one ONNX export
-traces) with the per-layer CAM contraction inside it, compiled once per layer set, input size and dtype."""
+traces) with the per-layer CAM contraction inside it, compiled once per layer set, input size, dtype and
+batch bucket."""
 
 from __future__ import annotations
 
@@ -21,17 +22,22 @@ logger = logging.getLogger(__name__)
 
 
 class CompiledRunner:
-    """Compiles lazily on the first call for each (layers, H x W, dtype, device, batch 1 or not) and reuses
+    """Compiles lazily on the first call for each (layers, H x W, dtype, device, batch bucket) and reuses
     the result.
 
-    Inductor generates C++ on CPU and Triton kernels on GPU; the batch axis is dynamic for batches > 1, and
-    batch 1 (video, latency) has a graph of its own, which on CUDA is replayed as a CUDA graph (Inductor's
-    ``reduce-overhead`` mode: one launch instead of hundreds, where batch-1 latency is launch-bound); its calls
-    are serialised and its outputs copied out before the next replay overwrites them. ``compile_seconds``
-    records what each compilation cost (tracing included; Inductor's own work runs on the first call, which
-    is included). The graph is traced in eval mode and holds the parameters as they are: build a new engine
-    after changing the model. With ``channels_last`` (the CPU default) the graph is traced for, and given,
-    channels-last input, as the eager runner does.
+    Inductor generates C++ on CPU and Triton kernels on GPU. Each graph has a static batch size, a power of
+    two (1, 2, 4, 8, ...), and a batch is padded up to its bucket with copies of its last image (whose
+    results are dropped): so a stream of batches of one size compiles once, a ragged tail or ``--every``'s
+    varying counts at most once per power of two, and a batch never costs more than twice its own size. On
+    the 2-core CPU, static graphs compiled and ran faster than one dynamic-batch graph: densenet121's
+    compiled in 161 s against more than 18 minutes, EfficientNet-Lite0's ran 15% faster (``bench/RESULTS.md``).
+    Batch 1 (video, latency) is on CUDA replayed as a CUDA graph (Inductor's ``reduce-overhead`` mode: one
+    launch instead of hundreds, where batch-1 latency is launch-bound); its calls are serialised and its
+    outputs copied out before the next replay overwrites them. ``compile_seconds`` records what each
+    compilation cost (tracing included; Inductor's own work runs on the first call, which is included). The
+    graph is traced in eval mode and holds the parameters as they are: build a new engine after changing the
+    model. With ``channels_last`` (the CPU default) the graph is traced for, and given, channels-last input,
+    as the eager runner does.
     """
 
     def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
@@ -45,10 +51,8 @@ class CompiledRunner:
     def channels_last(self) -> bool:
         return self.layout.channels_last
 
-    def _get(self, layers: Sequence[str], images: Tensor) -> tuple[Callable[..., tuple[Tensor, ...]], int, tuple, bool]:
-        # batch 1 gets its own graph: Inductor specialises size-1 dims anyway, and a separate entry makes
-        # that compilation visible in compile_seconds instead of a silent recompile
-        key = (tuple(layers), tuple(images.shape[-2:]), images.dtype, images.device, images.shape[0] == 1)
+    def _get(self, layers: Sequence[str], images: Tensor, bucket: int) -> tuple[Callable[..., tuple[Tensor, ...]], int, tuple, bool]:
+        key = (tuple(layers), tuple(images.shape[-2:]), images.dtype, images.device, bucket)
         with self._lock:
             if key in self._compiled:
                 return (*self._compiled[key], key, False)
@@ -58,10 +62,10 @@ class CompiledRunner:
                 lambda last: trace_joint(self.model, layers, size, images.dtype, cams=True, channels_last=last)
             )
             classes = _logit_classes(graph)
-            if images.is_cuda and images.shape[0] == 1:
+            if images.is_cuda and bucket == 1:
                 compiled = _replayed(torch.compile(graph, mode="reduce-overhead", dynamic=False))
             else:
-                compiled = torch.compile(graph, dynamic=images.shape[0] != 1)
+                compiled = torch.compile(graph, dynamic=False)
             self._compiled[key] = (compiled, classes)
             self.compile_seconds[key] = time.perf_counter() - started
             return compiled, classes, key, True
@@ -69,15 +73,20 @@ class CompiledRunner:
     def run(self, images: Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels) -> BackboneResult:
         """The CAM contraction runs inside the compiled graph (fused by Inductor), so ``kernels`` only
         normalises."""
-        compiled, classes, key, fresh = self._get(layers, images)
+        batch = images.shape[0]
+        bucket = 1 << (batch - 1).bit_length()
+        compiled, classes, key, fresh = self._get(layers, images, bucket)
+        chosen = to_device(graph_targets(targets, batch, classes), images.device)
+        if bucket > batch:
+            images = torch.cat([images, images[-1:].expand(bucket - batch, *images.shape[1:])])
+            chosen = torch.cat([chosen, chosen[-1:].expand(bucket - batch)])
         if self.layout.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        chosen = graph_targets(targets, images.shape[0], classes)
         started = time.perf_counter()
-        outputs = compiled(images, to_device(chosen, images.device))
+        outputs = [out[:batch] for out in compiled(images, chosen)]
         if fresh:
             self.compile_seconds[key] += time.perf_counter() - started
-            logger.info("compiled %d layers at %s in %.1f s", len(layers), key[1], self.compile_seconds[key])
+            logger.info("compiled %d layers at %s for batches of %d in %.1f s", len(layers), key[1], bucket, self.compile_seconds[key])
         logits, used = outputs[0], outputs[1]
         check_logits(logits)
         count = len(layers)
