@@ -3,6 +3,7 @@ reject broken outputs, the timing interleaves, and the command writes a complete
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -111,3 +112,17 @@ def test_bench_command_writes_every_entry(tmp_path, capsys):
     assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"wcam", "grad-cam", "with_p"}
     assert result["settings"]["size"] == [64, 96]
     assert result["machine"]["cores"] >= 1 and result["versions"]["torch"] == torch.__version__
+
+
+def test_default_backends_compile_at_the_largest_batch_only(monkeypatch):
+    """Compiling costs a minute or more per model and batch size on 2 cores: by default the compiled backend
+    is timed at the largest batch (where the targets are read) and the others everywhere; backends given
+    explicitly are timed at every batch."""
+    from wcam.benchmark.command import _backends
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # onnxruntime "installed"
+    built, timed = _backends(None, [1, 8])
+    assert built == ["eager", "onnxruntime", "compiled"]
+    assert timed == {1: ["eager", "onnxruntime"], 8: ["eager", "onnxruntime", "compiled"]}
+    built, timed = _backends(["compiled"], [1, 8])
+    assert built == ["eager", "compiled"] and timed == {1: built, 8: built}

@@ -122,9 +122,11 @@ class ModelBench:
         if self.eager.backend != "eager":
             raise ValueError("the backends must include 'eager' (the reference the others are checked against)")
 
-    def case(self, batch: int, peers: Sequence[Peer] = PEERS) -> Case:
-        """Build and check every entry for ``batch`` images; raises :class:`BenchError` on a failed check."""
+    def case(self, batch: int, peers: Sequence[Peer] = PEERS, backends: Sequence[str] | None = None) -> Case:
+        """Build and check every entry for ``batch`` images, on the engines of ``backends`` (default: all; eager
+        always); raises :class:`BenchError` on a failed check."""
         eager = self.eager
+        engines = {k: e for k, e in self.engines.items() if backends is None or e.backend in backends or e is eager}
         images = photos(batch, eager)
         shape = (batch, *images.shape[-2:])
         reference = eager.explain(images, p=90.0)
@@ -135,7 +137,7 @@ class ModelBench:
         entries = [Entry("floor: forward + activation gradients", "floor", lambda: bare(given), "")]
         if given is not images:  # what the channels-last layout saves on the network pass
             entries.append(Entry("floor, NCHW input", "floor", lambda: bare(images), ""))
-        for label, engine in self.engines.items():
+        for label, engine in engines.items():
             started = time.perf_counter()
             got = engine.explain(images, p=90.0)
             if engine.backend == "compiled":

@@ -35,8 +35,8 @@ def add_bench(commands: argparse._SubParsersAction, parents: list[argparse.Argum
                      help=f"(default: {' '.join(MODELS)})")
     sub.add_argument("--batches", nargs="+", type=cli._positive_int, default=[1, 8], metavar="N", help="(default: 1 8)")
     sub.add_argument("--backends", nargs="+", choices=BACKENDS, metavar="B",
-                     help="wcam backends (default: eager, and onnxruntime when installed; 'compiled' adds a compilation "
-                     "of a minute or more per model and batch size on a small CPU)")
+                     help="wcam backends, at every batch size (default: eager, onnxruntime when installed, and compiled "
+                     "at the largest batch only: compiling costs a minute or more per model and batch size on a small CPU)")
     sub.add_argument("--peers", nargs="*", choices=PACKAGES, metavar="PKG",
                      help=f"peer packages to time (default: all of {', '.join(PACKAGES)}; none given: no peers)")
     sub.add_argument("--rounds", type=cli._positive_int, default=5, metavar="N", help="timed rounds (default: %(default)s)")
@@ -48,13 +48,17 @@ def add_bench(commands: argparse._SubParsersAction, parents: list[argparse.Argum
     sub.set_defaults(func=cmd_bench)
 
 
-def _backends(chosen: list[str] | None) -> list[str]:
+def _backends(chosen: list[str] | None, batches: list[int]) -> tuple[list[str], dict[int, list[str]]]:
+    """All backends to build, and those timed at each batch size (see ``--backends``)."""
     if chosen:
-        return ["eager", *[b for b in dict.fromkeys(chosen) if b != "eager"]]
+        found = ["eager", *[b for b in dict.fromkeys(chosen) if b != "eager"]]
+        return found, {batch: found for batch in batches}
     found = ["eager"]
     if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
         found.append("onnxruntime")
-    return found
+    everywhere = list(found)
+    found.append("compiled")
+    return found, {batch: found if batch == max(batches) else everywhere for batch in batches}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -68,7 +72,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cli._check_writable(args.json)  # before minutes of work, not after
     device = torch.device(cli._resolve_device(args.device))
     peers = PEERS if args.peers is None else [p for p in PEERS if p.package in args.peers]
-    backends = _backends(args.backends)
+    backends, timed = _backends(args.backends, args.batches)
     total = len(args.models) * len(args.batches) * (args.rounds + args.warmup)
     progress = cli._Progress(total, enabled=True, unit="rounds")
     found, notes = [], []
@@ -79,7 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 bench = ModelBench(name, backends, device, weights, Path(cache) / name, size=args.size)
                 for batch in args.batches:
                     try:
-                        case = bench.case(batch, peers)
+                        case = bench.case(batch, peers, timed[batch])
                     except BenchError as exc:
                         raise cli.CliError(str(exc)) from None
                     times = interleaved({e.label: e.run for e in case.entries}, args.rounds, args.warmup, device,
@@ -99,7 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for note in dict.fromkeys(notes):
         print(f"- {note}")
     settings = {k: v for k, v in vars(args).items() if k in ("models", "batches", "rounds", "warmup", "size")}
-    settings["backends"], settings["device"] = backends, str(device)
+    settings["backends"], settings["device"] = {str(batch): timed[batch] for batch in args.batches}, str(device)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(as_json(found, met, device, list(dict.fromkeys(notes)), settings), indent=1))
     sys.stderr.write(f"wcam: results written to {args.json}\n")
