@@ -129,33 +129,34 @@ class ModelBench:
         engines = {k: e for k, e in self.engines.items() if backends is None or e.backend in backends or e is eager}
         images = photos(batch, eager)
         shape = (batch, *images.shape[-2:])
-        reference = eager.explain(images, p=90.0)
-        # the floor and the peers get the network input in the memory order wcam's eager engine gives its
-        # network (channels-last on a CPU, where oneDNN runs it faster), so that no entry wins by layout alone
+        # every entry gets the network input in the memory order wcam's eager engine gives its network
+        # (channels-last on a CPU, where oneDNN runs it faster), so that no entry wins or loses by layout or by
+        # a copy into it; one more floor row runs on the input as made
         given = images.contiguous(memory_format=torch.channels_last) if eager.channels_last else images
+        reference = eager.explain(given, p=90.0)
         bare = floor(eager.model, eager.layers)
         entries = [Entry("floor: forward + activation gradients", "floor", lambda: bare(given), "")]
         if given is not images:  # what the channels-last layout saves on the network pass
             entries.append(Entry("floor, NCHW input", "floor", lambda: bare(images), ""))
         for label, engine in engines.items():
             started = time.perf_counter()
-            got = engine.explain(images, p=90.0)
+            got = engine.explain(given, p=90.0)
             if engine.backend == "compiled":
                 self.setup.append(f"torch.compile, batch {batch} (first call): {time.perf_counter() - started:.1f} s")
             diff = _max_diff(got.heatmaps, reference.heatmaps)
             if diff > AGREEMENT:
                 raise BenchError(f"wcam {label}: heatmaps differ from eager by {diff:.3g} (> {AGREEMENT})")
             entries.append(Entry(f"wcam winsor p=90, {label}", "wcam",
-                                 lambda e=engine: e.explain(images, p=90.0), f"vs eager {diff:.1e}"))
-        gradcam = eager.explain(images, method="gradcam")
+                                 lambda e=engine: e.explain(given, p=90.0), f"vs eager {diff:.1e}"))
+        gradcam = eager.explain(given, method="gradcam")
         entries.append(Entry(f"wcam gradcam (last conv), {next(iter(self.engines))}", "wcam",
-                             lambda: eager.explain(images, method="gradcam"), ""))
-        diff = _max_diff(reference.with_p(50.0).heatmaps, eager.explain(images, p=50.0).heatmaps)
+                             lambda: eager.explain(given, method="gradcam"), ""))
+        diff = _max_diff(reference.with_p(50.0).heatmaps, eager.explain(given, p=50.0).heatmaps)
         if diff > REWEIGHT:
             raise BenchError(f"wcam with_p(50) differs from explain(p=50) by {diff:.3g} (> {REWEIGHT})")
         entries.append(Entry("wcam with_p: new p on cached maps", "wcam", lambda: reference.with_p(50.0),
                              f"vs explain(p=50) {diff:.1e}"))
-        same_as = {"gradcam": gradcam.heatmaps, "layer_mean": eager.explain(images, method="layer_mean").heatmaps}
+        same_as = {"gradcam": gradcam.heatmaps, "layer_mean": eager.explain(given, method="layer_mean").heatmaps}
         missing = []
         for peer in peers:
             if not peer.installed():
