@@ -114,15 +114,37 @@ def test_bench_command_writes_every_entry(tmp_path, capsys):
     assert result["machine"]["cores"] >= 1 and result["versions"]["torch"] == torch.__version__
 
 
-def test_default_backends_compile_at_the_largest_batch_only(monkeypatch):
-    """Compiling costs a minute or more per model and batch size on 2 cores: by default the compiled backend
-    is timed at the largest batch (where the targets are read) and the others everywhere; backends given
-    explicitly are timed at every batch."""
+def test_default_backends_compile_at_the_target_batch_only(monkeypatch):
+    """Compiling costs minutes per model and batch size on 2 cores: by default the compiled backend is timed
+    at the batch the targets are read at (8 when timed, else the largest) and the others everywhere; backends
+    given explicitly are timed at every batch."""
     from wcam.benchmark.command import _backends
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # onnxruntime "installed"
     built, timed = _backends(None, [1, 8])
     assert built == ["eager", "onnxruntime", "compiled"]
     assert timed == {1: ["eager", "onnxruntime"], 8: ["eager", "onnxruntime", "compiled"]}
+    assert _backends(None, [1, 8, 32])[1][8] == built and "compiled" not in _backends(None, [1, 8, 32])[1][32]
+    assert _backends(None, [1, 4])[1][4] == built
     built, timed = _backends(["compiled"], [1, 8])
     assert built == ["eager", "compiled"] and timed == {1: built, 8: built}
+
+
+def test_a_failing_compiled_backend_is_left_out_with_a_note(monkeypatch, tmp_path):
+    """Inductor needs a C++ compiler: where compiling fails the table is made without that backend, and the
+    notes say why; a failure of any other backend still stops the run."""
+    from wcam.benchmark.cases import ModelBench
+
+    bench = ModelBench("resnet18", ["eager", "compiled"], torch.device("cpu"), None, tmp_path, size=(32, 32))
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(bench.engines["compiled"]._runner, "run", no_compiler)
+    case = bench.case(2, peers=[])
+    assert not any("compiled" in entry.label for entry in case.entries)
+    assert any("wcam winsor p=90, eager" == entry.label for entry in case.entries)
+    assert "torch.compile failed, not timed: RuntimeError: no C++ compiler" in bench.setup
+    monkeypatch.setattr(bench.engines["eager"]._runner, "run", no_compiler)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        bench.case(2, peers=[])

@@ -239,9 +239,10 @@ def test_render_blends_into_yuv_planes_like_the_torch_path(chroma, interpolation
         diff = (got.data.int() - expected.data.int()).abs()
         assert int(diff.max()) <= int(np.ceil(alpha * 13)) + 1 and float((diff > 1).float().mean()) <= 5e-3
         assert float((diff == 0).float().mean()) > 0.99
+    fresh = TRITON.render(star, (height, width), interpolation, frames=frames, alpha=0.5, lut=lut)
     out = frames.like(frames.data.clone())
-    TRITON.render(star, (height, width), interpolation, frames=out, alpha=0.0, lut=lut, out=out)
-    assert torch.equal(out.data, frames.data)  # alpha 0, in place: the frames unchanged
+    assert TRITON.render(star, (height, width), interpolation, frames=out, alpha=0.5, lut=lut, out=out) is out
+    assert torch.equal(out.data, fresh.data) and not torch.equal(out.data, frames.data)  # in place, same values
 
 
 class _CountingKernel:

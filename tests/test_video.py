@@ -346,3 +346,47 @@ def test_full_range_planes_tagged_as_such_are_converted_to_limited_range():
     np.testing.assert_allclose(luma, 16 + values[: 64 * 48].astype(np.float64) * 219 / 255, atol=1.0)
     yuvj = frame.reformat(format="yuvj420p")
     np.testing.assert_allclose(planar(yuvj, (64, 48), "bt601")[: 64 * 48], luma, atol=1.0)
+
+
+def test_rgb_coded_input_is_drawn_in_bt601_and_tagged_so(engine, tmp_path):
+    """An input coded as RGB (libx264rgb; matrix tag 0, identity) is converted to BT.601 YUV to be drawn and
+    encoded, and the output says BT.601 (6): tag 0 on 4:2:0 H.264 would make players read Y, U, V as G, B, R."""
+    rng = np.random.default_rng(1)
+    container = av.open(str(tmp_path / "in.mkv"), "w")
+    stream = container.add_stream("libx264rgb", rate=FPS)
+    stream.width, stream.height, stream.pix_fmt = SIZE[1], SIZE[0], "rgb24"
+    for i in range(4):
+        frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, size=(*SIZE, 3), dtype=np.uint8), format="rgb24")
+        frame.pts = i
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+    container.close()
+    decoder = Decoder(str(tmp_path / "in.mkv"))
+    assert decoder.stream.codec_context.colorspace == 0 and decoder.colours.matrix == "bt601"
+    decoder.close()
+    summary = explain_video(engine, str(tmp_path / "in.mkv"), tmp_path / "out.mp4", VideoOptions(batch_size=2))
+    assert summary.stopped is None and summary.frames == 4
+    with av.open(str(tmp_path / "out.mp4")) as out:
+        assert (out.streams.video[0].codec_context.colorspace, out.streams.video[0].codec_context.format.name) == (6, "yuv420p")
+
+
+def test_a_decoding_failure_of_any_kind_keeps_the_frames_before_it(engine, tmp_path, monkeypatch):
+    """An error in the decode thread that is not FFmpeg's (here a conversion failing at frame 5) ends the run
+    with a message naming the frame, and the five frames before it explained, encoded and playable."""
+    import wcam.video.codec as codec
+
+    make_video(tmp_path / "in.mp4")
+    real, seen = codec.planar, []
+
+    def failing(frame, size, matrix):
+        if len(seen) == 5:
+            raise ValueError("unsupported pixel format")
+        seen.append(frame)
+        return real(frame, size, matrix)
+
+    monkeypatch.setattr(codec, "planar", failing)
+    summary = explain_video(engine, str(tmp_path / "in.mp4"), tmp_path / "out.mp4", VideoOptions(batch_size=2))
+    assert summary.stopped == "cannot decode frame 5: ValueError: unsupported pixel format"
+    assert summary.frames == 5 and len(decode(tmp_path / "out.mp4")[0]) == 5

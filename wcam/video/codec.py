@@ -20,9 +20,10 @@ _JPEG_RANGE = 2  # AVCOL_RANGE_JPEG: full-range values
 
 @dataclass(frozen=True)
 class Colours:
-    """How the input's YUV values map to colours: the YCbCr matrix (a key of
-    :data:`wcam.kernels.frames.MATRICES`) and the input's H.273 tags, which the output carries on. Frames
-    reach the blend, and the output, in limited range whatever the input's."""
+    """How the frames' YUV values map to colours: the YCbCr matrix (a key of
+    :data:`wcam.kernels.frames.MATRICES`) and the H.273 tags the output carries: the input's, except a matrix
+    tag the frames no longer follow. Frames reach the blend, and the output, in limited range whatever the
+    input's."""
 
     matrix: str = "bt601"
     colorspace: int = 2  # unspecified
@@ -85,7 +86,10 @@ class Decoder:
         self.rate: Fraction = self.stream.average_rate or self.stream.guessed_rate or Fraction(25)
         self.declared_frames = int(self.stream.frames or 0)
         context = self.stream.codec_context
-        self.colours = Colours(_MATRICES.get(int(context.colorspace), "bt601"), int(context.colorspace),
+        tag = int(context.colorspace)
+        # a matrix the blend cannot use (RGB's identity, YCgCo, ...): the frames are converted with BT.601, so
+        # say so (6, SMPTE 170M); an untagged input stays untagged, as its pixels are passed on unchanged
+        self.colours = Colours(_MATRICES.get(tag, "bt601"), tag if tag in _MATRICES or tag == 2 else 6,
                                int(context.color_primaries), int(context.color_trc))
 
     def frames(self, size: tuple[int, int], rgb: Callable[[int], bool]) -> Iterator[Picture]:

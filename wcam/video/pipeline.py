@@ -209,6 +209,9 @@ def _decode(
             problems.append(f"the input ended at frame {index} of the {declared} it declares (truncated?)")
     except VideoError as exc:
         problems.append(f"corrupt input at frame {index}: {exc}")
+    except Exception as exc:  # anything else (a conversion PyAV refuses, say): say so, the frames before it stay
+        problems.append(f"cannot decode frame {index}: {type(exc).__name__}: {exc}")
+        logger.debug("decoding failure", exc_info=True)
     finally:
         while True:  # the end marker must arrive, unless the explainer is gone
             try:

@@ -131,12 +131,12 @@ def _blend_kernel(star, star_h, star_w, out_h, out_w, stats, src, src_stride, ds
     x = pix % plane_w
     if STEP == 1:
         g = _normalised(_sample(star + b * star_h * star_w, star_h, star_w, y, x, out_h, out_w, m, NEAREST), stats, b)
-    else:  # summed in avg_pool2d's order: (0, 0), (0, 1), (1, 0), (1, 1)
-        g = tl.zeros([BLOCK], dtype=star.dtype.element_ty)
+    else:  # summed in fp32 (as the torch path), in its order: (0, 0), (0, 1), (1, 0), (1, 1)
+        g = tl.zeros([BLOCK], dtype=tl.float32)
         for dy in tl.static_range(2):
             for dx in tl.static_range(2):
                 v = _sample(star + b * star_h * star_w, star_h, star_w, 2 * y + dy, 2 * x + dx, out_h, out_w, m, NEAREST)
-                g += _normalised(v, stats, b)
+                g += _normalised(v, stats, b).to(tl.float32)
         g = g * 0.25
     index = (tl.minimum(tl.maximum(g.to(tl.float32), 0.0), 1.0) * 255.0 + 0.5).to(tl.int32)
     for c in tl.static_range(CHANNELS):
