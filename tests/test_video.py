@@ -39,14 +39,14 @@ from wcam.video.sidecar import Sidecars
 
 SIZE = (64, 96)  # frame height, width
 FPS = 12
-COLORSPACES = {1: "ITU709", 2: "ITU601"}  # H.273 matrix tag -> swscale's name
+COLORSPACES = {0: "ITU601", 1: "ITU709", 2: "ITU601"}  # H.273 matrix tag -> swscale's name (0: RGB, none)
 
 
 def make_video(path: Path, count: int = 12, faststart: bool = False, pix_fmt: str = "yuv420p", colorspace: int = 2,
-               flat: bool = False) -> list[np.ndarray]:
+               flat: bool = False, codec: str = "libx264") -> list[np.ndarray]:
     """Write a clip and return its frames as PyAV decodes them (the pixels the pipeline sees). ``pix_fmt``
-    ``yuvj420p`` makes it full range; ``colorspace`` is its H.273 matrix tag (1: BT.709); ``flat`` draws flat
-    patches instead of noise, encoded losslessly."""
+    ``yuvj420p`` makes it full range; ``colorspace`` is its H.273 matrix tag (1: BT.709; 0: RGB, with codec
+    ``libx264rgb`` and ``rgb24``); ``flat`` draws flat patches instead of noise, encoded losslessly."""
     rng = np.random.default_rng(0)
     background = rng.integers(0, 120, size=(*SIZE, 3), dtype=np.uint8)
     texture = rng.integers(150, 256, size=(20, 20, 3), dtype=np.uint8)
@@ -55,7 +55,7 @@ def make_video(path: Path, count: int = 12, faststart: bool = False, pix_fmt: st
         background[:, SIZE[1] // 2 :] = (220, 200, 180)
         texture[:] = (250, 240, 20)
     container = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})
-    stream = container.add_stream("libx264", rate=FPS, options={"qp": "0"} if flat else {})
+    stream = container.add_stream(codec, rate=FPS, options={"qp": "0"} if flat else {})
     stream.width, stream.height, stream.pix_fmt = SIZE[1], SIZE[0], pix_fmt
     stream.codec_context.colorspace = colorspace
     for i in range(count):
@@ -351,18 +351,7 @@ def test_full_range_planes_tagged_as_such_are_converted_to_limited_range():
 def test_rgb_coded_input_is_drawn_in_bt601_and_tagged_so(engine, tmp_path):
     """An input coded as RGB (libx264rgb; matrix tag 0, identity) is converted to BT.601 YUV to be drawn and
     encoded, and the output says BT.601 (6): tag 0 on 4:2:0 H.264 would make players read Y, U, V as G, B, R."""
-    rng = np.random.default_rng(1)
-    container = av.open(str(tmp_path / "in.mkv"), "w")
-    stream = container.add_stream("libx264rgb", rate=FPS)
-    stream.width, stream.height, stream.pix_fmt = SIZE[1], SIZE[0], "rgb24"
-    for i in range(4):
-        frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, size=(*SIZE, 3), dtype=np.uint8), format="rgb24")
-        frame.pts = i
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode(None):
-        container.mux(packet)
-    container.close()
+    make_video(tmp_path / "in.mkv", count=4, pix_fmt="rgb24", colorspace=0, codec="libx264rgb")
     decoder = Decoder(str(tmp_path / "in.mkv"))
     assert decoder.stream.codec_context.colorspace == 0 and decoder.colours.matrix == "bt601"
     decoder.close()
