@@ -4,9 +4,9 @@ The decoder (PyAV), the drawing of the heatmaps into the frames, and the encoder
 thread of their own, and the network in the calling thread, so the slowest stage alone sets the rate (on a
 CPU the network of one batch overlaps the drawing of the last) and at most a few batches of frames are in
 memory on an endless stream. Frames stay in the decoder's planar YUV from decoding to encoding (the heatmap
-is blended in YUV); only the frames the network explains are converted to RGB. Whatever stops the run (the end of the input, a corrupt or truncated frame,
-Ctrl-C, an error in the engine) every frame explained so far is drawn, the encoder flushed and the output
-file closed, so those frames stay playable.
+is blended in YUV); only the frames the network explains are converted to RGB. Whatever stops the run (the
+end of the input, a corrupt or truncated frame, Ctrl-C, an error in the engine) every frame explained so far
+is drawn, the encoder flushed and the output file closed, so those frames stay playable.
 """
 
 from __future__ import annotations
