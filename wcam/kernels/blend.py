@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from wcam.kernels.frames import Plane
+from wcam.kernels.frames import Plane, frame_planes
 
 BAND = 1 << 18  # values per band
 
@@ -27,7 +27,8 @@ def blend(heatmaps: Tensor, frames: Tensor, alpha: float, lut: Tensor) -> Tensor
     is half up, in float32, as in the Triton kernel."""
     check_frames(frames, tuple(heatmaps.shape))
     out = torch.empty(frames.shape, dtype=torch.uint8, device=frames.device)
-    blend_each(lambda i: heatmaps[i], [False] * len(frames), [(frames, 1)], [lut.float()], alpha, [out])
+    planes, colours = frame_planes(frames, lut)
+    blend_each(lambda i: heatmaps[i], [False] * len(frames), planes, colours, alpha, [out])
     return out
 
 
