@@ -2,10 +2,11 @@
 
 Makes a 10-second 1920 x 1080 clip at 30 frames/s (a textured object moving over a textured background,
 encoded once with libx264 ultrafast), then runs the whole pipeline on it (decode, explain, blend into the
-1080p YUV planes, encode H.264) for each ``--every``, and prints frames/s end to end, the process's CPU time per frame (all
-threads; what the stages compete for on a small CPU) and each stage's busy seconds. Stages run in parallel
-threads, so the wall time is set by the slowest stage, not by their sum. ``--backend compiled`` compiles
-the network once first (its time is printed) and then runs the same clip.
+1080p YUV planes, encode H.264) for each ``--every``, and prints frames/s end to end, the process's CPU time
+per frame (all threads; what the stages compete for on a small CPU), each stage's busy seconds and the
+process's peak resident memory. Stages run in parallel threads, so the wall time is set by the slowest
+stage, not by their sum. ``--backend compiled`` compiles the network once first (its time is printed) and
+then runs the same clip. glibc malloc is tuned as ``wcam video`` tunes it (``--system-malloc``: not).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from wcam import Engine  # noqa: E402
+from wcam import Engine, tune_malloc  # noqa: E402
 from wcam.engine.models import load_model  # noqa: E402
 from wcam.video import VideoOptions, explain_video  # noqa: E402
 from wcam.video.codec import Encoder  # noqa: E402
@@ -58,14 +59,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--backend", choices=["eager", "compiled"], default="eager")
+    parser.add_argument("--system-malloc", action="store_true", help="as wcam's: leave glibc malloc as configured")
     args = parser.parse_args()
+    tuned = not args.system_malloc and tune_malloc()  # as `wcam video` does
     width, height = map(int, args.size.split("x"))
     built = load_model(args.model, weights="DEFAULT" if args.model == "efficientnet_lite0" else None)
     built.model.to(device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     engine = Engine(built.model, preprocess=built.preprocess, categories=built.categories, backend=args.backend)
     print(f"{time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"threads; device {args.device}; torch {torch.__version__}; PyAV {av.__version__}; model {args.model}; "
-          f"{args.dtype}; backend {args.backend}; kernels {engine.kernels.name}; encoder preset {args.preset}")
+          f"{args.dtype}; backend {args.backend}; kernels {engine.kernels.name}; encoder preset {args.preset}; "
+          f"malloc {'tuned' if tuned else 'as configured'}")
     with tempfile.TemporaryDirectory() as folder:
         clip = Path(folder) / "clip.mp4"
         started = time.perf_counter()
@@ -89,6 +93,8 @@ def main() -> None:
             print(f"| {every} | {args.batch} | {summary.frames} | {summary.explained} | {summary.wall:.1f} | "
                   f"{summary.frames / summary.wall:.1f} | {cpu / summary.frames * 1e3:.0f} | {s['decode']:.1f} | "
                   f"{s['explain']:.1f} | {s['draw']:.1f} | {s['encode']:.1f} |", flush=True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        print(f"peak resident memory of the process: {peak:.0f} MiB (a longer --seconds shows whether it grows)")
 
 
 def _cpu_seconds() -> float:

@@ -111,6 +111,7 @@ def test_bench_command_writes_every_entry(tmp_path, capsys):
         assert row["label"] in printed
     assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"wcam", "grad-cam", "with_p"}
     assert result["settings"]["size"] == [64, 96]
+    assert result["settings"]["malloc"] == "wcam.tune_malloc"  # the command line's default, recorded
     assert result["machine"]["cores"] >= 1 and result["versions"]["torch"] == torch.__version__
 
 

@@ -1,5 +1,6 @@
 """wcam: high-throughput Winsor-CAM explanations for CNNs."""
 
+from wcam.allocator import tune_malloc
 from wcam.engine import (
     Engine,
     Explanation,
@@ -23,4 +24,5 @@ __all__ = [
     "UnknownModelError",
     "UnknownWeightsError",
     "__version__",
+    "tune_malloc",
 ]

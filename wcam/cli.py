@@ -100,8 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Winsor-CAM explanations for CNNs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics on stderr (-vv: debug)")
+    parser.add_argument(
+        "--system-malloc", action="store_true",
+        help="leave glibc malloc as configured (default: keep freed tensor memory mapped, wcam.tune_malloc; "
+        "on the 2-core CPU that made Winsor-CAM 1.17-1.44x faster at batch 8, bench/RESULTS.md)",
+    )
     common = _Parser(add_help=False)  # options every subcommand also accepts after its name
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--system-malloc", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_explain(commands, [common])
     _add_export(commands, [common])
@@ -598,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else 0
     _configure_logging(args.verbose)
+    from wcam import allocator
+
+    args.malloc_tuned = not args.system_malloc and allocator.tune_malloc()
     try:
         return int(args.func(args))
     except CliError as exc:
