@@ -1,7 +1,8 @@
-"""What :func:`wcam.tune_malloc` changes: ``python bench/malloc.py [--models ...] [--batch 8] [--processes 3]``.
+"""What :func:`wcam.tune_malloc` changes: ``python bench/malloc.py [--models ...] [--batch 8] [--processes 2]``.
 
 The malloc settings hold for a whole process and cannot be undone, so each setting runs in its own child
-process, and the two alternate (``--processes`` of each). A child times, interleaved after warm-up, the floor
+process, and the settings alternate (``--processes`` children of each). Settings: ``system`` (malloc as
+configured), ``thresholds`` (``tune_malloc(single_arena=False)``), ``tuned`` (``tune_malloc()``). A child times, interleaved after warm-up, the floor
 (forward + gradients w.r.t. the hooked conv outputs) and ``engine.explain`` on the eager backend, in the main
 thread and in a worker thread (where a server or ``wcam video`` runs the network), and counts the minor page
 faults, kernel CPU time and voluntary context switches (a thread going to sleep) per call. Prints the median
@@ -29,14 +30,15 @@ import wcam  # noqa: E402
 from wcam.benchmark.cases import ModelBench, photos  # noqa: E402
 from wcam.benchmark.floor import floor  # noqa: E402
 
-SETTINGS = ("system", "tuned")
+SETTINGS = {"system": None, "thresholds": {"single_arena": False}, "tuned": {}}  # tune_malloc's arguments
 
 
 def child(setting: str, models: list[str], batch: int, rounds: int) -> dict:
     """Per model, entry and thread: lists of (ms per image, and per call minor faults, kernel CPU ms and
     voluntary context switches)."""
-    if setting == "tuned" and not wcam.tune_malloc():
-        raise SystemExit("wcam.tune_malloc() was refused here")
+    arguments = SETTINGS[setting]
+    if arguments is not None and not wcam.tune_malloc(**arguments):
+        raise SystemExit(f"wcam.tune_malloc({arguments}) was refused here")
     results: dict = {}
     for name in models:
         bench = ModelBench(name, ["eager"], torch.device("cpu"), "DEFAULT" if name == "efficientnet_lite0" else None)
@@ -77,14 +79,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per child (after one warm-up)")
     parser.add_argument("--processes", type=int, default=2, help="children per setting, alternating")
-    parser.add_argument("--child", choices=SETTINGS, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=["system", "tuned"],
+                        help="compared left to right; the speed-up is the first's time over the last's")
+    parser.add_argument("--child", choices=list(SETTINGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.models, args.batch, args.rounds)))
         return
-    pooled: dict[str, dict[str, list]] = {s: {} for s in SETTINGS}
+    pooled: dict[str, dict[str, list]] = {s: {} for s in args.settings}
     for _ in range(args.processes):
-        for setting in SETTINGS:
+        for setting in args.settings:
             command = [sys.executable, __file__, "--child", setting, "--models", *args.models,
                        "--batch", str(args.batch), "--rounds", str(args.rounds)]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -93,14 +97,15 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}; {torch.get_num_threads()} "
           f"threads; torch {torch.__version__}; batch {args.batch}; {args.processes} processes x {args.rounds} rounds "
           "per setting")
-    print("| model | entry | thread | system ms/img | tuned ms/img | speed-up | faults/call system, tuned "
-          "| kernel CPU ms/call system, tuned | sleeps/call system, tuned |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for key in pooled["system"]:
-        (ms_s, f_s, k_s, v_s), (ms_t, f_t, k_t, v_t) = (
-            [statistics.median(v[i] for v in pooled[s][key]) for i in range(4)] for s in SETTINGS)
-        print(f"| {key} | {ms_s:.1f} | {ms_t:.1f} | {ms_s / ms_t:.2f}x | {f_s:.0f}, {f_t:.0f} | {k_s:.0f}, {k_t:.0f} "
-              f"| {v_s:.0f}, {v_t:.0f} |")
+    names = ", ".join(args.settings)
+    print(f"| model | entry | thread | ms/img: {names} | speed-up | faults/call: {names} | kernel CPU ms/call: "
+          f"{names} | sleeps/call: {names} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for key in pooled[args.settings[0]]:
+        medians = [[statistics.median(v[i] for v in pooled[s][key]) for s in args.settings] for i in range(4)]
+        ms, faults, kernel, sleeps = ([f"{x:.{digits}f}" for x in row] for row, digits in zip(medians, (1, 0, 0, 0)))
+        print(f"| {key} | {', '.join(ms)} | {medians[0][0] / medians[0][-1]:.2f}x | {', '.join(faults)} | "
+              f"{', '.join(kernel)} | {', '.join(sleeps)} |")
 
 
 if __name__ == "__main__":

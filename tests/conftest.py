@@ -15,6 +15,16 @@ import torch
 from wcam.engine.models import load_model
 
 
+@pytest.fixture(autouse=True)
+def _malloc_as_configured(monkeypatch):
+    """Commands run in-process (``main([...])``) leave this process's malloc as it is: tune_malloc is
+    process-wide and lasting, so a test that ran one would change the rest of the session. Its own tests run
+    it in child processes (``tests/test_allocator.py``)."""
+    import wcam.allocator
+
+    monkeypatch.setattr(wcam.allocator, "tune_malloc", lambda: True)
+
+
 @pytest.fixture(scope="session")
 def seeded_models():
     """Build a named torchvision model with seeded random weights, once per session."""

@@ -27,22 +27,26 @@ M_ARENA_MAX = -8
 
 RETAIN = 1 << 30  # 1 GiB: more than a batch-8 forward + backward of the benchmark models at 224 x 224
 INT_MAX = 2**31 - 1  # mallopt takes a C int
+OLD_GLIBC_MMAP_CAP = 32 << 20  # older glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 (64-bit: 32 MiB)
 
 
 def tune_malloc(retain_bytes: int = RETAIN, single_arena: bool = True) -> bool:
     """Serve tensors below ``retain_bytes`` from malloc's heap and keep up to ``retain_bytes`` of freed memory
     mapped, instead of unmapping each large tensor on free and faulting its pages in on the next call.
 
-    With ``single_arena`` every thread allocates from the main heap: a thread's own arena grows in 64 MiB
-    heaps and still maps anything larger afresh each time (resnet50's forward + backward at batch 16 in a
-    worker thread: 88,000 page faults per call with the thresholds alone, 6,000 with one arena). Memory freed below the top of
-    the heap is reused, not returned, so the process keeps roughly its peak working set mapped. Process-wide
-    and lasting; call it once, before the work starts (arenas already made by other threads stay in use).
+    A glibc that refuses an mmap threshold above 32 MiB (older releases; 2.36 takes 1 GiB) gets 32 MiB, so
+    tensors up to that size are kept. With ``single_arena`` every thread allocates from the main heap: a
+    thread's own arena grows in 64 MiB heaps and maps anything larger afresh each time (measured with
+    ``python bench/malloc.py --settings thresholds tuned``). Memory freed below the top of the heap is
+    reused, not returned, so the process keeps roughly its peak working set mapped. Process-wide and
+    lasting; call it once, before the work starts (arenas already made by other threads stay in use).
     Returns True when glibc took every setting; False on another C library or platform (nothing changed) or
     when glibc refused one (logged; the ones before it stay).
     """
-    if isinstance(retain_bytes, bool) or not isinstance(retain_bytes, int) or not 0 < retain_bytes <= INT_MAX:
-        raise ValueError(f"retain_bytes must be an int in 1..{INT_MAX} (mallopt takes a C int), got {retain_bytes!r}")
+    if isinstance(retain_bytes, bool) or not isinstance(retain_bytes, int):
+        raise TypeError(f"retain_bytes must be an int, got {type(retain_bytes).__name__}")
+    if not 0 < retain_bytes <= INT_MAX:
+        raise ValueError(f"retain_bytes must be in 1..{INT_MAX} (mallopt takes a C int), got {retain_bytes}")
     if not sys.platform.startswith("linux"):
         logger.info("malloc left as it is: %s is not glibc Linux", sys.platform)
         return False
@@ -53,13 +57,19 @@ def tune_malloc(retain_bytes: int = RETAIN, single_arena: bool = True) -> bool:
     mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    settings = [(M_MMAP_THRESHOLD, retain_bytes), (M_TRIM_THRESHOLD, retain_bytes)]
+    # the mmap threshold first: a trim threshold alone would also fix the mmap threshold at its start value
+    mmap_threshold = next((v for v in dict.fromkeys([retain_bytes, min(retain_bytes, OLD_GLIBC_MMAP_CAP)])
+                           if mallopt(M_MMAP_THRESHOLD, v)), None)
+    if mmap_threshold is None:
+        logger.warning("glibc malloc refused M_MMAP_THRESHOLD=%d; malloc left as it is", retain_bytes)
+        return False
+    settings = [("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, retain_bytes)]
     if single_arena:
-        settings.append((M_ARENA_MAX, 1))
-    for option, value in settings:  # in order: a trim threshold alone would fix the mmap threshold low
+        settings.append(("M_ARENA_MAX", M_ARENA_MAX, 1))
+    for name, option, value in settings:
         if not mallopt(option, value):
-            logger.warning("glibc malloc refused mallopt(%d, %d); the settings before it stay", option, value)
+            logger.warning("glibc malloc refused %s=%d; the settings before it stay", name, value)
             return False
-    logger.info("glibc malloc: mmap and trim thresholds %d bytes%s", retain_bytes,
+    logger.info("glibc malloc: mmap threshold %d bytes, trim threshold %d bytes%s", mmap_threshold, retain_bytes,
                 ", one arena" if single_arena else "")
     return True

@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics on stderr (-vv: debug)")
     parser.add_argument(
         "--system-malloc", action="store_true",
-        help="leave glibc malloc as configured (default: keep freed tensor memory mapped, wcam.tune_malloc; "
-        "on the 2-core CPU that made Winsor-CAM 1.17-1.44x faster at batch 8, bench/RESULTS.md)",
+        help="leave glibc malloc as configured (default: keep freed tensor memory mapped between calls, "
+        "wcam.tune_malloc; README, 'On a CPU')",
     )
     common = _Parser(add_help=False)  # options every subcommand also accepts after its name
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -606,7 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     from wcam import allocator
 
-    args.malloc_tuned = not args.system_malloc and allocator.tune_malloc()
+    if args.system_malloc:
+        args.malloc = "as configured (--system-malloc)"
+    else:
+        args.malloc = "wcam.tune_malloc" if allocator.tune_malloc() else "as configured (not glibc, or refused)"
     try:
         return int(args.func(args))
     except CliError as exc:

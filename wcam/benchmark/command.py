@@ -110,7 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"- {note}")
     settings = {k: v for k, v in vars(args).items() if k in ("models", "batches", "rounds", "warmup", "size")}
     settings["backends"], settings["device"] = {str(batch): timed[batch] for batch in args.batches}, str(device)
-    settings["malloc"] = "wcam.tune_malloc" if args.malloc_tuned else "as configured"
+    settings["malloc"] = args.malloc  # set by the command line's main
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(as_json(found, met, device, list(dict.fromkeys(notes)), settings), indent=1))
     sys.stderr.write(f"wcam: results written to {args.json}\n")
