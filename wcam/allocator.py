@@ -58,9 +58,10 @@ def tune_malloc(retain_bytes: int = RETAIN, single_arena: bool = True) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     # the mmap threshold first: a trim threshold alone would also fix the mmap threshold at its start value
-    mmap_threshold = next((v for v in dict.fromkeys([retain_bytes, min(retain_bytes, OLD_GLIBC_MMAP_CAP)])
-                           if mallopt(M_MMAP_THRESHOLD, v)), None)
-    if mmap_threshold is None:
+    for mmap_threshold in dict.fromkeys([retain_bytes, min(retain_bytes, OLD_GLIBC_MMAP_CAP)]):
+        if mallopt(M_MMAP_THRESHOLD, mmap_threshold):
+            break
+    else:
         logger.warning("glibc malloc refused M_MMAP_THRESHOLD=%d; malloc left as it is", retain_bytes)
         return False
     settings = [("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, retain_bytes)]
