@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from wcam.engine.capture import LayerCapture
-from wcam.kernels import LayerMaps, channel_cam, group_maps
+from wcam.engine.gradient_roots import gradient_roots
+from wcam.kernels import LayerMaps, channel_weights, group_maps, weighted_channels
 from wcam.kernels.dispatch import TorchKernels
 from wcam.kernels.transfer import to_device
 
@@ -128,13 +129,14 @@ class LayoutChoice:
 class EagerRunner:
     """Runs a torch model eagerly: one forward with hooks, one ``autograd.grad`` to the hooked outputs.
 
-    With the torch kernels, each layer's :func:`~wcam.kernels.channel_cam` runs inside the backward, in a
-    hook on the layer's output that fires the moment its gradient is complete: the gradient was just written
-    and the activation just read by the op after the layer (BatchNorm's backward reads its input), so both
-    are still in cache. Measured on this 2-core CPU: 0.7% over the bare backward, against 4.5% for the same
-    maths afterwards. With the Triton kernels, all layers go to one fused launch after the backward instead.
-    No parameter gradient is computed or accumulated (``autograd.grad`` only walks to the requested
-    tensors). The input does not require grad: with frozen parameters, everything before the first hooked
+    With the torch kernels, each layer's channel weights (the spatial mean of its gradient) are taken in a
+    hook on the layer's output that fires the moment its gradient is complete, and the backward is asked only
+    for the :func:`~wcam.engine.gradient_roots.gradient_roots` (the stem, in a CNN), so no gradient outlives
+    the op that consumes it; the weighted channel sums run after the backward. Measured on the 2-core CPU at
+    batch 8 (``bench/cam_placement.py``): as fast as doing all the maths in the hooks or all after the
+    backward (within this machine's noise), with a peak resident memory 19% lower on resnet50. With the
+    Triton kernels, all layers go to one fused launch after the backward instead. No parameter gradient is
+    computed or accumulated (``autograd.grad`` only walks to the requested tensors). The input does not require grad: with frozen parameters, everything before the first hooked
     layer runs without recording a graph, and that layer's output becomes the leaf the gradients flow to
     (see :class:`LayerCapture`), so Grad-CAM on a late layer costs little more than a plain forward
     (``bench/RESULTS.md``). Works inside ``torch.no_grad()``; refuses
@@ -214,27 +216,35 @@ class EagerRunner:
 
 
 def _maps_during_backward(objective: Tensor, activations: list[Tensor]) -> LayerMaps:
-    """Backward from ``objective``, with each layer's Grad-CAM sum and score computed by a hook the moment
-    its gradient is complete; a layer the objective does not depend on gets a zero map and score."""
-    cams: list[Tensor | None] = [None] * len(activations)
-    scores: list[Tensor | None] = [None] * len(activations)
+    """Backward from ``objective``, with each layer's channel weights taken by a hook the moment its gradient
+    is complete (while it is still in cache), and the weighted channel sums after the backward. The backward
+    is asked only for the :func:`gradient_roots`, so each gradient is freed once used; a layer the objective
+    does not depend on gets a zero map and score."""
+    reached, roots = gradient_roots(objective, activations)
+    alphas: list[Tensor | None] = [None] * len(activations)
 
-    def on_gradient(index: int, activation: Tensor) -> Callable[[Tensor], None]:
+    def on_gradient(index: int) -> Callable[[Tensor], None]:
         def hook(gradient: Tensor) -> None:
-            cams[index], scores[index] = channel_cam(activation, gradient)
+            alphas[index] = channel_weights(gradient)
 
         return hook
 
-    handles = [a.register_hook(on_gradient(i, a.detach())) for i, a in enumerate(activations)]
+    handles = [activations[i].register_hook(on_gradient(i)) for i in reached]
     try:
-        torch.autograd.grad(objective, activations, allow_unused=True)
+        if roots:
+            torch.autograd.grad(objective, [activations[i] for i in roots])
     finally:
         for handle in handles:
             handle.remove()
-    for i, activation in enumerate(activations):
-        if cams[i] is None:
-            batch, _, h, w = activation.shape
+    missed = [i for i in reached if alphas[i] is None]
+    if missed:  # cannot happen if gradient_roots is right; never let it pass as a zero map
+        raise RuntimeError(f"the backward did not reach hooked layers {missed}")
+    cams, scores = [], []
+    for activation, alpha in zip(activations, alphas):
+        if alpha is None:
+            batch, channels, h, w = activation.shape
             dtype = torch.promote_types(activation.dtype, torch.float32)
-            cams[i] = activation.new_zeros((batch, h, w), dtype=dtype)
-            scores[i] = activation.new_zeros((batch,), dtype=dtype)
+            alpha = activation.new_zeros((batch, channels), dtype=dtype)
+        cams.append(weighted_channels(activation.detach(), alpha))
+        scores.append(alpha.mean(dim=1))
     return group_maps(cams, scores)
