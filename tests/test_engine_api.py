@@ -255,6 +255,32 @@ def test_model_state_is_restored_and_untouched(resnet, outcome):
     assert {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()} == storage
 
 
+class CountingTrain(TinyNet):
+    """Counts calls of ``train()`` (which ``eval()`` makes) on the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_calls = 0
+
+    def train(self, mode: bool = True) -> "CountingTrain":
+        self.train_calls += 1
+        return super().train(mode)
+
+
+def test_a_model_in_eval_mode_is_only_looked_at():
+    """A model already in eval mode throughout is neither switched nor restored (the server's case, where
+    both would cost time on every call); one in training mode still is, each call."""
+    model = CountingTrain().eval()
+    model.train_calls = 0
+    engine = Engine(model)
+    engine.explain(images(2, seed=4))
+    assert model.train_calls == 0 and not any(m.training for m in model.modules())
+    model.train()
+    model.train_calls = 0
+    engine.explain(images(2, seed=4))
+    assert model.train_calls == 1 and all(m.training for m in model.modules())
+
+
 # ------------------------------------------------------------------ memory layout of the network input
 
 

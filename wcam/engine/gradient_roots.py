@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 
 def gradient_roots(objective: Tensor, outputs: Sequence[Tensor]) -> tuple[set[int], list[int]]:
@@ -22,38 +23,28 @@ def gradient_roots(objective: Tensor, outputs: Sequence[Tensor]) -> tuple[set[in
     down to a root), so a tensor hook on each reached output fires. One walk over the autograd graph below
     ``objective``, iterative (graphs of thousands of nodes), each node expanded once.
     """
-    by_node: dict[Any, list[int]] = {}  # grad node -> indices of the outputs it produced
-    by_leaf: dict[int, list[int]] = {}  # id of a leaf tensor -> indices (its node is an AccumulateGrad)
+    by_node: dict[Any, list[int]] = {}  # grad node (an AccumulateGrad for a leaf) -> indices of its outputs
     for index, output in enumerate(outputs):
-        if output.grad_fn is not None:
-            by_node.setdefault(output.grad_fn, []).append(index)
-        elif output.requires_grad:
-            by_leaf.setdefault(id(output), []).append(index)
-
-    def produced(node: Any) -> list[int]:
-        if node in by_node:
-            return by_node[node]
-        if by_leaf and hasattr(node, "variable"):  # AccumulateGrad: the leaf it accumulates into
-            return by_leaf.get(id(node.variable), [])
-        return []
-
+        if output.requires_grad:
+            by_node.setdefault(get_gradient_edge(output).node, []).append(index)
     children: dict[Any, list[Any]] = {}  # grad node -> the nodes below it; set when it is first visited
     holds: dict[Any, bool] = {}  # grad node -> an output's node is this one or lies below it
     stack = [objective.grad_fn] if objective.grad_fn is not None else []
     while stack:  # depth first; a node is finished when it comes back to the top after its children
         node = stack[-1]
-        if node not in children:
-            children[node] = [child for child, _ in node.next_functions if child is not None]
-            stack.extend(child for child in children[node] if child not in children)
+        below = children.get(node)
+        if below is None:
+            below = children[node] = [child for child, _ in node.next_functions if child is not None]
+            stack.extend(below)
             continue
         stack.pop()
         if node not in holds:
-            holds[node] = bool(produced(node)) or any(holds[child] for child in children[node])
+            holds[node] = node in by_node or any(holds[child] for child in below)
     reached: set[int] = set()
     roots: list[int] = []
-    for node, below in children.items():
-        indices = produced(node)
-        reached.update(indices)
-        if indices and not any(holds[child] for child in below):
-            roots.extend(indices)
+    for node, indices in by_node.items():
+        if node in holds:
+            reached.update(indices)
+            if not any(holds[child] for child in children[node]):
+                roots.extend(indices)
     return reached, sorted(roots)
