@@ -140,11 +140,11 @@ class EagerRunner:
     batch 8 (``bench/cam_placement.py``): as fast as doing all the maths in the hooks or all after the
     backward (within this machine's noise), with a peak resident memory 19% lower on resnet50. With the
     Triton kernels, all layers go to one fused launch after the backward instead. No parameter gradient is
-    computed or accumulated (``autograd.grad`` only walks to the requested tensors). The input does not require grad: with frozen parameters, everything before the first hooked
-    layer runs without recording a graph, and that layer's output becomes the leaf the gradients flow to
-    (see :class:`LayerCapture`), so Grad-CAM on a late layer costs little more than a plain forward
-    (``bench/RESULTS.md``). Works inside ``torch.no_grad()``; refuses
-    ``torch.inference_mode()``, where no graph exists. A layer whose output the next op overwrites in place
+    computed or accumulated (``autograd.grad`` only walks to the requested tensors). The input does not
+    require grad: with frozen parameters, everything before the first hooked layer runs without recording a
+    graph, and that layer's output becomes the leaf the gradients flow to (see :class:`LayerCapture`), so
+    Grad-CAM on a late layer costs little more than a plain forward (``bench/RESULTS.md``). Works inside
+    ``torch.no_grad()``; refuses ``torch.inference_mode()``, where no graph exists. A layer whose output the next op overwrites in place
     is detected on the first call that sees it, which then runs again copying that layer's output; later
     calls copy it from the start.
 
@@ -245,10 +245,12 @@ def _maps_during_backward(objective: Tensor, activations: list[Tensor]) -> Layer
         raise RuntimeError(f"the backward did not reach hooked layers {missed}")
     cams, scores = [], []
     for activation, alpha in zip(activations, alphas):
-        if alpha is None:
-            batch, channels, h, w = activation.shape
+        if alpha is None:  # no gradient: a zero map and score, without reading the activation
+            batch, _, h, w = activation.shape
             dtype = torch.promote_types(activation.dtype, torch.float32)
-            alpha = activation.new_zeros((batch, channels), dtype=dtype)
-        cams.append(weighted_channels(activation.detach(), alpha))
-        scores.append(alpha.mean(dim=1))
+            cams.append(activation.new_zeros((batch, h, w), dtype=dtype))
+            scores.append(activation.new_zeros((batch,), dtype=dtype))
+        else:
+            cams.append(weighted_channels(activation.detach(), alpha))
+            scores.append(alpha.mean(dim=1))
     return group_maps(cams, scores)
