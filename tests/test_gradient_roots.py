@@ -3,13 +3,15 @@ every hook still fires (engine against the float64 reference to 1e-9, as in test
 gradient is freed once used instead of living until the backward ends.
 
 Models: hand-built nets of a few convolutions at 12 x 16, so that the graphs are small enough to state their
-roots by hand: a chain, two stems that merge, a dead branch, frozen and trainable parameters.
+roots by hand: a chain, two stems that merge, a dead branch, an output autograd has no gradient for (an
+unused piece of a ``chunk``), a backbone run under ``no_grad``; frozen and trainable parameters.
 """
 
 from __future__ import annotations
 
 import weakref
 
+import pytest
 import torch
 from reference import reference_combine, reference_network
 from torch import Tensor, nn
@@ -129,3 +131,58 @@ def test_each_gradient_is_freed_once_used():
     all from ``autograd.grad`` (as the floor does) holds them until it returns."""
     assert _alive_at_the_earliest(_maps_during_backward) == [[False, False]]
     assert _alive_at_the_earliest(lambda objective, outputs: torch.autograd.grad(objective, outputs)) == [[True, True]]
+
+
+class Chunked(nn.Module):
+    """conv -> chunk(2): ``a`` (an Identity) on the first half, which nothing uses, ``b`` on the second, which
+    feeds ``c3``. Autograd has no gradient for the unused piece: ``a``'s hook is called with None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Identity()
+        self.b = nn.Identity()
+        self.c3 = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        first, second = self.conv(x).chunk(2, dim=1)
+        self.a(first)
+        return self.fc(self.c3(self.b(second)).mean(dim=(2, 3)))
+
+
+def test_an_output_without_gradient_gets_a_zero_map_and_the_rest_the_reference():
+    model = Chunked().double().requires_grad_(False)
+    x = x12(torch.float64)
+    engine = Engine(model, layers=["conv", "a", "b", "c3"])
+    net = reference_network(model, x, engine.layers)
+    got = engine.explain(x, p=90.0)
+    ref = reference_combine(net, p=90.0)
+    assert float((got.layer_scores - torch.from_numpy(net["scores"])).abs().max()) <= 1e-9
+    assert float((got.heatmaps - torch.from_numpy(ref["heatmaps"])).abs().max()) <= 1e-9
+    assert float(got.layer_scores[:, 1].abs().max()) == 0.0  # a
+    assert float(got.layer_scores[:, [0, 2, 3]].abs().max()) > 0.0
+
+
+class NoGradBackbone(nn.Module):
+    """A linear probe: the conv runs under ``torch.no_grad()``, so the logits carry no graph back to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            features = self.c1(x).relu()
+        return self.fc(features.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_logits_that_reach_no_explained_layer_are_refused(frozen):
+    """Not an all-zero explanation: the graph was cut, and the error says where to look."""
+    model = NoGradBackbone().requires_grad_(not frozen)
+    with pytest.raises(RuntimeError, match="depend on none of the explained layers"):
+        Engine(model).explain(x12())

@@ -35,7 +35,7 @@ def gradient_roots(objective: Tensor, outputs: Sequence[Tensor]) -> tuple[set[in
         below = children.get(node)
         if below is None:
             below = children[node] = [child for child, _ in node.next_functions if child is not None]
-            stack.extend(below)
+            stack.extend(child for child in below if child not in children)
             continue
         stack.pop()
         if node not in holds:

@@ -73,7 +73,8 @@ class EvalGuard:
 
     Reference-counted under a lock so that concurrent calls on one model never flip it back mid-forward. A
     model already in eval mode throughout (a server's) is only looked at: one pass over its modules, where
-    ``eval()`` and the restore would cost 0.5 ms per call on EfficientNet-Lite0's 185 modules.
+    ``eval()`` and the restore would cost 0.5 ms per call on EfficientNet-Lite0's 185 modules; so a model
+    whose ``train()`` override does more than set the flags gets no ``eval()`` call when they are all False.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -131,7 +132,7 @@ class LayoutChoice:
 
 
 class EagerRunner:
-    """Runs a torch model eagerly: one forward with hooks, one ``autograd.grad`` to the hooked outputs.
+    """Runs a torch model eagerly: one forward with hooks, one ``autograd.grad`` to the earliest hooked outputs.
 
     With the torch kernels, each layer's channel weights (the spatial mean of its gradient) are taken in a
     hook on the layer's output that fires the moment its gradient is complete, and the backward is asked only
@@ -222,25 +223,35 @@ class EagerRunner:
 def _maps_during_backward(objective: Tensor, activations: list[Tensor]) -> LayerMaps:
     """Backward from ``objective``, with each layer's channel weights taken by a hook the moment its gradient
     is complete (while it is still in cache), and the weighted channel sums after the backward. The backward
-    is asked only for the :func:`gradient_roots`, so each gradient is freed once used; a layer the objective
-    does not depend on gets a zero map and score."""
+    is asked only for the :func:`gradient_roots`, so each gradient is freed once used. A layer without a
+    gradient (the objective does not depend on it, or autograd has none for it, as for an unused piece of a
+    ``chunk``) gets a zero map and score; an objective that depends on no layer at all is refused."""
     reached, roots = gradient_roots(objective, activations)
+    if not reached:
+        raise RuntimeError(
+            "the target logits depend on none of the explained layers in the autograd graph: does the model run "
+            "them under torch.no_grad(), detach their outputs, or checkpoint them with use_reentrant=True?"
+        )
     alphas: list[Tensor | None] = [None] * len(activations)
+    fired: set[int] = set()
 
-    def on_gradient(index: int) -> Callable[[Tensor], None]:
-        def hook(gradient: Tensor) -> None:
-            alphas[index] = channel_weights(gradient)
+    def on_gradient(index: int) -> Callable[[Tensor | None], None]:
+        def hook(gradient: Tensor | None) -> None:
+            fired.add(index)
+            if gradient is not None:
+                alphas[index] = channel_weights(gradient)
 
         return hook
 
     handles = [activations[i].register_hook(on_gradient(i)) for i in reached]
     try:
-        if roots:
-            torch.autograd.grad(objective, [activations[i] for i in roots])
+        gradients = torch.autograd.grad(objective, [activations[i] for i in roots], allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
-    missed = [i for i in reached if alphas[i] is None]
+    fired.update(i for i, gradient in zip(roots, gradients) if gradient is None)  # no gradient, no hook call
+    del gradients
+    missed = sorted(reached - fired)
     if missed:  # cannot happen if gradient_roots is right; never let it pass as a zero map
         raise RuntimeError(f"the backward did not reach hooked layers {missed}")
     cams, scores = [], []
