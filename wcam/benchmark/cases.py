@@ -84,9 +84,9 @@ class ModelBench:
     ``weights``: ``None`` for seeded random weights (the timing does not depend on their values; nothing is
     downloaded; the seed makes the peers' checks repeatable: on some random networks a last-layer Grad-CAM
     is all zeros for an image), else as :func:`wcam.engine.models.load_model`; ``size``: the network input
-    (height, width), default the model's; ``cache_dir``: where ONNX graphs are exported (default: a new
-    temporary folder, left to the caller; ``wcam bench`` passes one it removes). Set-up costs (ONNX export,
-    compilation) are recorded in ``setup``.
+    (height, width), default the model's; ``cache_dir``: where ONNX graphs are exported (default, with the
+    ``onnxruntime`` backend: a new temporary folder, left to the caller; ``wcam bench`` passes one it
+    removes). Set-up costs (ONNX export, compilation) are recorded in ``setup``.
     """
 
     def __init__(
@@ -107,7 +107,8 @@ class ModelBench:
         self.setup: list[str] = []
         self.engines: dict[str, Engine] = {}
         kernel_sets = ["triton", "torch"] if device.type == "cuda" else ["torch"]
-        cache = cache_dir or Path(tempfile.mkdtemp(prefix="wcam-bench-"))
+        exports = "onnxruntime" in backends  # a new temporary folder only when something is exported into it
+        cache = cache_dir or (Path(tempfile.mkdtemp(prefix="wcam-bench-")) if exports else None)
         for backend in backends:
             for kernels in kernel_sets if backend == "eager" else kernel_sets[:1]:
                 started = time.perf_counter()
