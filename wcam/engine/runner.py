@@ -221,11 +221,18 @@ class EagerRunner:
 
 
 def _maps_during_backward(objective: Tensor, activations: list[Tensor]) -> LayerMaps:
-    """Backward from ``objective``, with each layer's channel weights taken by a hook the moment its gradient
-    is complete (while it is still in cache), and the weighted channel sums after the backward. The backward
-    is asked only for the :func:`gradient_roots`, so each gradient is freed once used. A layer without a
-    gradient (the objective does not depend on it, or autograd has none for it, as for an unused piece of a
-    ``chunk``) gets a zero map and score; an objective that depends on no layer at all is refused."""
+    """:func:`layer_cams`, then each layer's map normalised (:func:`~wcam.kernels.group_maps`)."""
+    return group_maps(*layer_cams(objective, activations))
+
+
+def layer_cams(objective: Tensor, activations: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Each layer's raw Grad-CAM sum and raw score (as :func:`~wcam.kernels.channel_cam`), from a backward
+    from ``objective``, with each layer's channel weights taken by a hook the moment its gradient is complete
+    (while it is still in cache), and the weighted channel sums after the backward. The backward is asked
+    only for the :func:`gradient_roots`, so each gradient is freed once used (traced by ``make_fx``, the
+    same order lets a compiler free them too). A layer without a gradient (the objective does not depend on
+    it, or autograd has none for it, as for an unused piece of a ``chunk``) gets a zero map and score; an
+    objective that depends on no layer at all is refused."""
     reached, roots = gradient_roots(objective, activations)
     if not reached:
         raise RuntimeError(
@@ -264,4 +271,4 @@ def _maps_during_backward(objective: Tensor, activations: list[Tensor]) -> Layer
         else:
             cams.append(weighted_channels(activation.detach(), alpha))
             scores.append(alpha.mean(dim=1))
-    return group_maps(cams, scores)
+    return cams, scores

@@ -16,9 +16,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from wcam.engine.capture import LayerCapture
-from wcam.engine.runner import EvalGuard
+from wcam.engine.runner import EvalGuard, layer_cams
 from wcam.export.decompositions import OP_MODULES, UnsupportedOpError, decompositions
-from wcam.kernels import channel_cam
 
 
 def joint_function(
@@ -26,8 +25,9 @@ def joint_function(
 ) -> Callable[[Tensor, Tensor], tuple[Tensor, ...]]:
     """The function to trace; ``copied`` names layers whose output the next op overwrites in place.
 
-    With ``cams`` it returns ``(logits, targets, cams..., scores...)`` of :func:`wcam.kernels.channel_cam`
-    instead of the activations and gradients, so a compiler can fuse that maths into the graph.
+    With ``cams`` it returns ``(logits, targets, cams..., scores...)`` of :func:`wcam.engine.runner.layer_cams`
+    instead of the activations and gradients, so a compiler can fuse that maths into the graph, and free each
+    gradient once its channel weights are taken.
     """
     names = list(layers)
 
@@ -40,13 +40,12 @@ def joint_function(
             if overwritten:
                 raise _Overwritten(overwritten)
             objective = logits.gather(1, chosen.unsqueeze(1)).sum()
+            if cams:
+                maps, scores = layer_cams(objective, activations)
+                return (logits.detach(), chosen, *maps, *scores)
             gradients = torch.autograd.grad(objective, activations, allow_unused=True)
         gradients = [torch.zeros_like(a) if g is None else g for a, g in zip(activations, gradients)]
-        activations = [a.detach() for a in activations]
-        if cams:
-            maps, scores = zip(*(channel_cam(a, g) for a, g in zip(activations, gradients)))
-            return (logits.detach(), chosen, *maps, *scores)
-        return (logits.detach(), chosen, *activations, *gradients)
+        return (logits.detach(), chosen, *(a.detach() for a in activations), *gradients)
 
     return joint
 
