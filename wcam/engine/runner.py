@@ -229,8 +229,8 @@ def layer_cams(objective: Tensor, activations: list[Tensor]) -> tuple[list[Tenso
     """Each layer's raw Grad-CAM sum and raw score (as :func:`~wcam.kernels.channel_cam`), from a backward
     from ``objective``, with each layer's channel weights taken by a hook the moment its gradient is complete
     (while it is still in cache), and the weighted channel sums after the backward. The backward is asked
-    only for the :func:`gradient_roots`, so each gradient is freed once used (traced by ``make_fx``, the
-    same order lets a compiler free them too). A layer without a gradient (the objective does not depend on
+    only for the :func:`gradient_roots`, so each gradient is freed once used (the compiled backend traces
+    this same function into its graph). A layer without a gradient (the objective does not depend on
     it, or autograd has none for it, as for an unused piece of a ``chunk``) gets a zero map and score; an
     objective that depends on no layer at all is refused."""
     reached, roots = gradient_roots(objective, activations)

@@ -26,8 +26,7 @@ def joint_function(
     """The function to trace; ``copied`` names layers whose output the next op overwrites in place.
 
     With ``cams`` it returns ``(logits, targets, cams..., scores...)`` of :func:`wcam.engine.runner.layer_cams`
-    instead of the activations and gradients, so a compiler can fuse that maths into the graph, and free each
-    gradient once its channel weights are taken.
+    instead of the activations and gradients, so a compiler can fuse that maths into the graph.
     """
     names = list(layers)
 
