@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+from reference import reference_combine, reference_network
 from torch import nn
+
+from wcam import Engine
 
 _HOOK_ATTRS = (
     "_forward_hooks",
@@ -34,3 +39,29 @@ def hook_counts(model: nn.Module) -> dict[tuple[str, str], int]:
     for attr in _GLOBAL_HOOKS:
         counts[("<global>", attr)] = len(getattr(torch_module, attr, {}))
     return counts
+
+
+def max_diff(a: torch.Tensor, b) -> float:
+    b = b if isinstance(b, torch.Tensor) else torch.from_numpy(np.asarray(b))
+    return float((a.double() - b.double()).abs().max())
+
+
+def agrees_with_reference(model, x, targets=None, layers=None, ps=(0.0, 50.0, 90.0, 100.0)):
+    """Engine vs reference at every p: heatmaps, sums, scores, weights to 1e-9. Returns (engine result, net)."""
+    engine = Engine(model, layers=layers)
+    net = reference_network(model, x, engine.layers, targets)
+    first = None
+    for p in ps:
+        got = engine.explain(x, targets=targets, p=p)
+        ref = reference_combine(net, p=p)
+        assert got.targets.tolist() == net["targets"].tolist()
+        assert max_diff(got.layer_scores, net["scores"]) <= 1e-9, f"p={p}"
+        assert max_diff(got.layer_weights, ref["weights"]) <= 1e-9, f"p={p}"
+        assert max_diff(got.heatmaps, ref["heatmaps"]) <= 1e-9, f"p={p}"
+        assert max_diff(got.sums, ref["sums"]) <= 1e-9, f"p={p}"
+        first = first or got
+    for method in ("layer_mean",) + (("gradcam",) if len(engine.layers) == 1 else ()):
+        got = engine.explain(x, targets=targets, method=method, layers=engine.layers)
+        ref = reference_combine(net, method=method)
+        assert max_diff(got.heatmaps, ref["heatmaps"]) <= 1e-9, method
+    return first, net

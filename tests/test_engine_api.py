@@ -29,7 +29,7 @@ from reference import reference_combine, reference_network
 from torch import nn
 
 import wcam
-from helpers import hook_counts
+from helpers import agrees_with_reference, hook_counts, max_diff
 from wcam import Engine, ImageError, Preprocess
 from wcam.engine.runner import TargetError
 
@@ -49,11 +49,6 @@ def images(batch: int, seed: int, shape: tuple[int, int] = SHAPE, dtype=torch.fl
 
 def uint8_image(height: int, width: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-
-
-def max_diff(a: torch.Tensor, b) -> float:
-    b = b if isinstance(b, torch.Tensor) else torch.from_numpy(np.asarray(b))
-    return float((a.double() - b.double()).abs().max())
 
 
 def count_forwards(model: nn.Module) -> tuple[list[int], object]:
@@ -600,25 +595,6 @@ def test_inplace_relu_after_conv_uses_raw_conv_outputs():
 # ------------------------------------------------------------------ edge cases vs the reference (float64)
 
 
-def _agrees_with_reference(model, x, targets=None, layers=None, ps=(0.0, 50.0, 90.0, 100.0)):
-    """Engine vs reference at every p: heatmaps, sums, scores, weights to 1e-9. Returns (engine result, net)."""
-    engine = Engine(model, layers=layers)
-    net = reference_network(model, x, engine.layers, targets)
-    first = None
-    for p in ps:
-        got = engine.explain(x, targets=targets, p=p)
-        ref = reference_combine(net, p=p)
-        assert got.targets.tolist() == net["targets"].tolist()
-        assert max_diff(got.layer_scores, net["scores"]) <= 1e-9, f"p={p}"
-        assert max_diff(got.layer_weights, ref["weights"]) <= 1e-9, f"p={p}"
-        assert max_diff(got.heatmaps, ref["heatmaps"]) <= 1e-9, f"p={p}"
-        assert max_diff(got.sums, ref["sums"]) <= 1e-9, f"p={p}"
-        first = first or got
-    for method in ("layer_mean",) + (("gradcam",) if len(engine.layers) == 1 else ()):
-        got = engine.explain(x, targets=targets, method=method, layers=engine.layers)
-        ref = reference_combine(net, method=method)
-        assert max_diff(got.heatmaps, ref["heatmaps"]) <= 1e-9, method
-    return first, net
 
 
 class NegativeNet(nn.Module):
@@ -643,7 +619,7 @@ class NegativeNet(nn.Module):
 def test_all_scores_non_positive_give_zero_weights_and_a_zero_heatmap():
     model = NegativeNet().double()
     x = images(2, seed=13, shape=(12, 16), dtype=torch.float64)
-    got, net = _agrees_with_reference(model, x, targets=[0, 0])
+    got, net = agrees_with_reference(model, x, targets=[0, 0])
     # premise: every raw layer score is strictly negative
     for layer, grads in enumerate(net["gradients"]):
         assert (grads.reshape(2, -1).mean(axis=1) < 0).all(), layer
@@ -672,7 +648,7 @@ class TwinNet(nn.Module):
 def test_all_scores_equal_give_weight_one():
     model = TwinNet().double()
     x = images(2, seed=14, shape=(12, 16), dtype=torch.float64)
-    got, net = _agrees_with_reference(model, x, targets=[0, 2])
+    got, net = agrees_with_reference(model, x, targets=[0, 2])
     assert (net["scores"] > 0).all() and (net["scores"][:, 0] == net["scores"][:, 1]).all()  # premise
     for p in (0.0, 50.0, 100.0):
         assert got.with_p(p).layer_weights.tolist() == [[1.0, 1.0], [1.0, 1.0]], f"p={p}"
@@ -686,7 +662,7 @@ def test_single_layer_net():
     with torch.no_grad():
         model[4].weight.abs_()
     x = images(2, seed=15, shape=(12, 16), dtype=torch.float64)
-    got, net = _agrees_with_reference(model, x)
+    got, net = agrees_with_reference(model, x)
     assert (net["scores"] > 0).all()
     assert got.layer_weights.tolist() == [[1.0], [1.0]]
     gradcam = Engine(model).explain(x, method="gradcam")
@@ -695,7 +671,7 @@ def test_single_layer_net():
 
 def test_single_layer_of_a_resnet(resnet64):
     x = images(2, seed=16, dtype=torch.float64)
-    got, _ = _agrees_with_reference(resnet64, x, layers=["layer3.0.conv1"])
+    got, _ = agrees_with_reference(resnet64, x, layers=["layer3.0.conv1"])
     assert got.layer_names == ["layer3.0.conv1"]
 
 
@@ -720,7 +696,7 @@ class ConstantNet(nn.Module):
 def test_constant_layer_map_is_all_zeros():
     model = ConstantNet().double()
     x = images(3, seed=17, shape=(13, 19), dtype=torch.float64)
-    got, net = _agrees_with_reference(model, x)
+    got, net = agrees_with_reference(model, x)
     assert got.layer_names == ["conv", "zero"]
     assert (net["scores"][:, 1] > 0).all()  # premise: the constant layer does get a weight
     assert float(got.layer_weights[:, 1].min()) > 0
@@ -748,7 +724,7 @@ class OneByOneNet(nn.Module):
 def test_layer_with_1x1_spatial_output():
     model = OneByOneNet().double()
     x = images(2, seed=18, shape=(15, 22), dtype=torch.float64)
-    got, _ = _agrees_with_reference(model, x)
+    got, _ = agrees_with_reference(model, x)
     assert {size: indices for size, (indices, _) in got.layer_maps.groups.items()} == {(15, 22): [0], (1, 1): [1]}
 
 
@@ -770,7 +746,7 @@ class DeadBranchNet(nn.Module):
 def test_layer_that_does_not_reach_the_logit_gets_zeros():
     model = DeadBranchNet().double()
     x = images(2, seed=19, shape=(12, 16), dtype=torch.float64)
-    got, net = _agrees_with_reference(model, x)
+    got, net = agrees_with_reference(model, x)
     assert got.layer_names == ["used", "dead"]
     assert float(got.layer_scores[:, 1].abs().max()) == 0.0
     assert float(got.layer_weights[:, 1].abs().max()) == 0.0

@@ -13,7 +13,7 @@ import weakref
 
 import pytest
 import torch
-from reference import reference_combine, reference_network
+from helpers import agrees_with_reference
 from torch import Tensor, nn
 
 from wcam import Engine
@@ -87,14 +87,7 @@ def test_two_stems_are_two_roots_and_a_dead_branch_is_not_reached():
 def test_two_stems_agree_with_the_reference():
     """Every hook fires when the backward is asked for the two roots only (float64, 1e-9 as elsewhere)."""
     model = TwoStems().double().requires_grad_(False)
-    x = x12(torch.float64)
-    engine = Engine(model, layers=["left", "right", "right2", "dead", "head"])
-    net = reference_network(model, x, engine.layers)
-    for p in (50.0, 90.0):
-        got = engine.explain(x, p=p)
-        ref = reference_combine(net, p=p)
-        assert float((got.layer_scores - torch.from_numpy(net["scores"])).abs().max()) <= 1e-9
-        assert float((got.heatmaps - torch.from_numpy(ref["heatmaps"])).abs().max()) <= 1e-9
+    got, _ = agrees_with_reference(model, x12(torch.float64), layers=["left", "right", "right2", "dead", "head"])
     assert float(got.layer_scores[:, 3].abs().max()) == 0.0  # dead
     assert float(got.layer_scores[:, :3].abs().max()) > 0.0  # the stems had gradients
 
@@ -154,13 +147,7 @@ class Chunked(nn.Module):
 
 def test_an_output_without_gradient_gets_a_zero_map_and_the_rest_the_reference():
     model = Chunked().double().requires_grad_(False)
-    x = x12(torch.float64)
-    engine = Engine(model, layers=["conv", "a", "b", "c3"])
-    net = reference_network(model, x, engine.layers)
-    got = engine.explain(x, p=90.0)
-    ref = reference_combine(net, p=90.0)
-    assert float((got.layer_scores - torch.from_numpy(net["scores"])).abs().max()) <= 1e-9
-    assert float((got.heatmaps - torch.from_numpy(ref["heatmaps"])).abs().max()) <= 1e-9
+    got, _ = agrees_with_reference(model, x12(torch.float64), layers=["conv", "a", "b", "c3"])
     assert float(got.layer_scores[:, 1].abs().max()) == 0.0  # a
     assert float(got.layer_scores[:, [0, 2, 3]].abs().max()) > 0.0
 
