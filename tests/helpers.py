@@ -46,9 +46,10 @@ def max_diff(a: torch.Tensor, b) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def agrees_with_reference(model, x, targets=None, layers=None, ps=(0.0, 50.0, 90.0, 100.0)):
-    """Engine vs reference at every p: heatmaps, sums, scores, weights to 1e-9. Returns (engine result, net)."""
-    engine = Engine(model, layers=layers)
+def agrees_with_reference(model, x, targets=None, layers=None, ps=(0.0, 50.0, 90.0, 100.0), **options):
+    """Engine (``Engine(model, layers=layers, **options)``) vs reference at every p: heatmaps, sums, scores,
+    weights to 1e-9. Returns (engine result, net)."""
+    engine = Engine(model, layers=layers, **options)
     net = reference_network(model, x, engine.layers, targets)
     first = None
     for p in ps:

@@ -101,7 +101,9 @@ def test_bench_command_writes_every_entry(tmp_path, capsys):
     assert labels == [
         "floor: forward + activation gradients",
         "floor, NCHW input",  # the floor above gets the engine's channels-last CPU input
+        "floor, batch norms folded (the network of wcam eager, batch norms folded)",  # resnet18: 20 folded
         "wcam winsor p=90, eager",
+        "wcam winsor p=90, eager, batch norms folded",
         "wcam gradcam (last conv), eager",
         "wcam with_p: new p on cached maps",
         *[peer.label for peer in PEERS],
@@ -110,6 +112,8 @@ def test_bench_command_writes_every_entry(tmp_path, capsys):
         assert len(row["seconds"]) == 2 and min(row["seconds"]) > 0
         assert row["label"] in printed
     assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"wcam", "grad-cam", "with_p"}
+    overhead = [t for t in result["targets"] if t["target"].startswith("(no target)")]
+    assert len(overhead) == 1 and overhead[0]["met"] is None and overhead[0]["value"] > 0
     assert result["settings"]["size"] == [64, 96]
     assert result["settings"]["malloc"] == "wcam.tune_malloc"  # the command line's default, recorded
     assert result["machine"]["cores"] >= 1 and result["versions"]["torch"] == torch.__version__

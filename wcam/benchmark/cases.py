@@ -27,6 +27,9 @@ REWEIGHT = 1e-5  # with_p(50) on cached maps vs a fresh explain at p=50 (same ma
 PEER_GRADCAM = 1e-4  # a last-conv peer vs wcam's gradcam (same formula, other operation order: measured <= 4e-6)
 
 
+FOLDED_FLOOR = "floor, batch norms folded (the network of wcam eager, batch norms folded)"
+
+
 class BenchError(RuntimeError):
     """An entry that does not compute what it claims (wrong shape, constant or disagreeing output)."""
 
@@ -116,6 +119,10 @@ class ModelBench:
                                 cache_dir=cache, kernels=kernels)
                 label = f"{backend}, {kernels} kernels" if device.type == "cuda" else backend
                 self.engines[label] = engine
+                if backend == "eager" and kernels == "torch":  # the same with batch norms folded (opt-in)
+                    self.engines[f"{label}, batch norms folded"] = Engine(
+                        built.model, device=device, preprocess=preprocess, kernels=kernels, fold_batch_norms=True
+                    )
                 if backend == "onnxruntime":
                     mb = sum(f.stat().st_size for f in cache.rglob("*.onnx*")) / 2**20
                     self.setup.append(f"ONNX export + session: {time.perf_counter() - started:.1f} s, {mb:.1f} MB")
@@ -158,6 +165,12 @@ class ModelBench:
                 raise BenchError(f"wcam {label}: heatmaps differ from eager by {diff:.3g} (> {AGREEMENT})")
             entries.append(Entry(f"wcam winsor p=90, {label}", "wcam",
                                  lambda e=engine, x=fed: e.explain(x, p=90.0), f"vs eager {diff:.1e}"))
+            folding = getattr(engine._runner, "folding", None)
+            if folding is not None and folding.current is not None:  # the floor of the network it runs
+                bare_folded = floor(folding.current.module, eager.layers)
+                floors = sum(e.group == "floor" for e in entries)
+                entries.insert(floors, Entry(FOLDED_FLOOR, "floor", lambda: bare_folded(given),
+                                             f"{folding.current.folded} folded"))
         gradcam = eager.explain(given, method="gradcam")
         entries.append(Entry(f"wcam gradcam (last conv), {next(iter(self.engines))}", "wcam",
                              lambda: eager.explain(given, method="gradcam"), ""))

@@ -105,7 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if met:
         print("| model | batch | target | value | met |\n| --- | --- | --- | --- | --- |")
         for t in met:
-            print(f"| {t['model']} | {t['batch']} | {t['target']} | {t['value']:.2f} | {'yes' if t['met'] else 'no'} |")
+            print(f"| {t['model']} | {t['batch']} | {t['target']} | {t['value']:.2f} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |")
     for note in dict.fromkeys(notes):
         print(f"- {note}")
     settings = {k: v for k, v in vars(args).items() if k in ("models", "batches", "rounds", "warmup", "size")}

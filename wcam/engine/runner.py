@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 from torch import Tensor, nn
 
+from wcam.engine.batchnorm_folding import Affine, BatchNormFolding
 from wcam.engine.capture import LayerCapture
 from wcam.engine.gradient_roots import gradient_roots
 from wcam.kernels import LayerMaps, channel_weights, group_maps, weighted_channels
@@ -156,8 +157,9 @@ class EagerRunner:
     runs again with the input as given; later calls use that from the start.
     """
 
-    def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
+    def __init__(self, model: nn.Module, channels_last: bool = False, fold_batch_norms: bool = False) -> None:
         self.model = model
+        self.folding = BatchNormFolding() if fold_batch_norms else None
         self._eval = EvalGuard(model)
         self._lock = threading.Lock()
         self._copied: frozenset[str] = frozenset()
@@ -193,46 +195,75 @@ class EagerRunner:
     def _attempt(
         self, images: Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels
     ) -> BackboneResult | None:
-        with self._eval(), LayerCapture(self.model, list(layers), self._copied) as capture, torch.enable_grad():
-            logits = self.model(images)
-            if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
-                raise TypeError(
-                    f"the model must return B x K logits, got {type(logits).__name__}"
-                    f"{tuple(logits.shape) if isinstance(logits, Tensor) else ''}"
-                )
-            check_logits(logits)
-            chosen = check_targets(targets, *logits.shape)
-            chosen = logits.detach().argmax(dim=1) if chosen is None else to_device(chosen, logits.device)
-            activations = capture.collect()
-            overwritten = capture.overwritten()
-            if overwritten:
-                with self._lock:
-                    self._copied = self._copied | overwritten
-                logger.info("outputs of %s are overwritten in place by the next op; copying them", sorted(overwritten))
-                return None
-            objective = logits.gather(1, chosen.unsqueeze(1)).sum()
-            if kernels.name == "torch":
-                maps = _maps_during_backward(objective, activations)
-            else:
-                gradients = torch.autograd.grad(objective, activations, allow_unused=True)
-                gradients = [torch.zeros_like(a) if g is None else g for a, g in zip(activations, gradients)]
-                maps = kernels.layer_maps([a.detach() for a in activations], gradients)
+        with self._eval():
+            network, affines = self._network(images, layers, kernels)
+            with LayerCapture(network, list(layers), self._copied) as capture, torch.enable_grad():
+                logits = network(images)
+                result = self._backward(logits, images, capture, targets, kernels, affines)
+        return result
+
+    def _network(
+        self, images: Tensor, layers: Sequence[str], kernels: TorchKernels
+    ) -> tuple[nn.Module, list[Affine | None] | None]:
+        """The network to run: the batch-norm-folded one where it applies (torch kernels), else the model."""
+        if self.folding is None or kernels.name != "torch":
+            return self.model, None
+        folded = self.folding.network(self.model, layers, images[:1])
+        return (self.model, None) if folded is None else folded
+
+    def _backward(
+        self,
+        logits: object,
+        images: Tensor,
+        capture: LayerCapture,
+        targets: object,
+        kernels: TorchKernels,
+        affines: list[Affine | None] | None,
+    ) -> BackboneResult | None:
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
+            raise TypeError(
+                f"the model must return B x K logits, got {type(logits).__name__}"
+                f"{tuple(logits.shape) if isinstance(logits, Tensor) else ''}"
+            )
+        check_logits(logits)
+        chosen = check_targets(targets, *logits.shape)
+        chosen = logits.detach().argmax(dim=1) if chosen is None else to_device(chosen, logits.device)
+        activations = capture.collect()
+        overwritten = capture.overwritten()
+        if overwritten:
+            with self._lock:
+                self._copied = self._copied | overwritten
+            logger.info("outputs of %s are overwritten in place by the next op; copying them", sorted(overwritten))
+            return None
+        objective = logits.gather(1, chosen.unsqueeze(1)).sum()
+        if kernels.name == "torch":
+            maps = _maps_during_backward(objective, activations, affines)
+        else:
+            gradients = torch.autograd.grad(objective, activations, allow_unused=True)
+            gradients = [torch.zeros_like(a) if g is None else g for a, g in zip(activations, gradients)]
+            maps = kernels.layer_maps([a.detach() for a in activations], gradients)
         return BackboneResult(logits=logits.detach(), targets=chosen, maps=maps)
 
 
-def _maps_during_backward(objective: Tensor, activations: list[Tensor]) -> LayerMaps:
+def _maps_during_backward(
+    objective: Tensor, activations: list[Tensor], affines: Sequence[Affine | None] | None = None
+) -> LayerMaps:
     """:func:`layer_cams`, then each layer's map normalised (:func:`~wcam.kernels.group_maps`)."""
-    return group_maps(*layer_cams(objective, activations))
+    return group_maps(*layer_cams(objective, activations, affines))
 
 
-def layer_cams(objective: Tensor, activations: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+def layer_cams(
+    objective: Tensor, activations: list[Tensor], affines: Sequence[Affine | None] | None = None
+) -> tuple[list[Tensor], list[Tensor]]:
     """Each layer's raw Grad-CAM sum and raw score (as :func:`~wcam.kernels.channel_cam`), from a backward
     from ``objective``, with each layer's channel weights taken by a hook the moment its gradient is complete
     (while it is still in cache), and the weighted channel sums after the backward. The backward is asked
     only for the :func:`gradient_roots`, so each gradient is freed once used (the compiled backend traces
     this same function into its graph). A layer without a gradient (the objective does not depend on
     it, or autograd has none for it, as for an unused piece of a ``chunk``) gets a zero map and score; an
-    objective that depends on no layer at all is refused."""
+    objective that depends on no layer at all is refused. Where ``affines[i]`` is ``(s, t)``, activation
+    ``i`` is a batch-norm-folded output ``s A + t`` and the map and score are those of ``A``
+    (:mod:`wcam.engine.batchnorm_folding`)."""
     reached, roots = gradient_roots(objective, activations)
     if not reached:
         raise RuntimeError(
@@ -262,13 +293,17 @@ def layer_cams(objective: Tensor, activations: list[Tensor]) -> tuple[list[Tenso
     if missed:  # cannot happen if gradient_roots is right; never let it pass as a zero map
         raise RuntimeError(f"the backward did not reach hooked layers {missed}")
     cams, scores = [], []
-    for activation, alpha in zip(activations, alphas):
+    for activation, alpha, affine in zip(activations, alphas, affines or [None] * len(activations)):
         if alpha is None:  # no gradient: a zero map and score, without reading the activation
             batch, _, h, w = activation.shape
             dtype = torch.promote_types(activation.dtype, torch.float32)
             cams.append(activation.new_zeros((batch, h, w), dtype=dtype))
             scores.append(activation.new_zeros((batch,), dtype=dtype))
-        else:
+        elif affine is None:
             cams.append(weighted_channels(activation.detach(), alpha))
             scores.append(alpha.mean(dim=1))
+        else:
+            scale, shift = (v.to(alpha.dtype) for v in affine)
+            cams.append(weighted_channels(activation.detach(), alpha) - (alpha @ shift).view(-1, 1, 1))
+            scores.append((alpha * scale).mean(dim=1))
     return cams, scores

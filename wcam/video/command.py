@@ -28,6 +28,7 @@ def add_video(commands: argparse._SubParsersAction, parents: list[argparse.Argum
     sub.add_argument("--model", default=cli.DEFAULT_MODEL, metavar="NAME", help=f"one of: {', '.join(MODELS)} (default: %(default)s)")
     sub.add_argument("--weights", default="DEFAULT", metavar="W", help="as for 'wcam explain' (default: %(default)s)")
     sub.add_argument("--backend", choices=BACKENDS, default="eager", help="(default: %(default)s)")
+    sub.add_argument("--fold-batch-norms", action="store_true", help=cli.FOLD_HELP)
     sub.add_argument("--p", type=cli._number_in("p", 0.0, 100.0), default=90.0, help="Winsor percentile (default: %(default)s)")
     sub.add_argument("--method", choices=METHODS, default="winsor", help="(default: %(default)s)")
     sub.add_argument("--batch", type=cli._positive_int, default=8, metavar="N", help="frames per forward pass (default: %(default)s)")
