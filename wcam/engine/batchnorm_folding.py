@@ -137,11 +137,11 @@ def fold_batch_norms(model: nn.Module, keep: Sequence[str] = ()) -> FoldedNetwor
     sources: list[Tensor] = []
     replaced: list[nn.Module] = []
     for node in list(graph.nodes):
-        if node.op != "call_module" or node.args[0].op != "call_module" or len(node.args[0].users) != 1:
+        source = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None
+        if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
             continue
-        source = node.args[0]
         conv, bn = modules.get(source.target), modules.get(node.target)  # not the copies made below
-        if len(node.args) != 1 or node.kwargs or not _foldable(conv, bn):
+        if not _foldable(conv, bn):
             continue
         with torch.no_grad():
             weight, bias = fuse_conv_bn_weights(
