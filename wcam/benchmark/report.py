@@ -9,7 +9,6 @@ import platform
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from wcam.benchmark.cases import FOLDED_FLOOR, Case
@@ -108,7 +107,7 @@ def targets(found: list[Row], batch: int = 8) -> list[dict[str, Any]]:
         folded_floor = next((r for r in mine if r.label == FOLDED_FLOOR), None)
         folded = next((r for r in winsor if r.label.endswith("batch norms folded")), None)
         if folded_floor is not None and folded is not None:  # not a target: its overhead over its own network
-            ratio = float(np.median(np.array(folded.seconds) / np.array(folded_floor.seconds)))
+            ratio = Summary.of(folded.seconds, folded_floor.seconds).ratio
             checks.append(("(no target) wcam winsor (eager, batch norms folded) / its floor", ratio, None))
         for peer in [r for r in mine if r.label.startswith("grad-cam GradCAM, all conv layers")]:
             speedup = peer.ms_per_image / best.ms_per_image
