@@ -115,6 +115,14 @@ def test_errors_are_one_line_with_an_exit_code(args, code, named, tmp_path, garb
     assert captured.out == ""
 
 
+def test_a_weights_file_with_nan_is_one_line(tmp_path, capsys):
+    torch.save({"conv1.weight": torch.full((64, 3, 7, 7), float("nan"))}, tmp_path / "nan.pt")
+    argv = ["explain", "--demo", "--model", "resnet18", "--weights", str(tmp_path / "nan.pt"), "--out", str(tmp_path)]
+    assert main(argv) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "NaN or Inf" in line and "nan.pt" in line
+
+
 def test_no_subcommand_is_a_usage_error(capsys):
     assert main([]) == 2
     _one_error_line(capsys.readouterr().err)

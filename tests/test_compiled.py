@@ -10,9 +10,13 @@ arithmetic, so where a ReLU input is within rounding of 0 an early-layer gradien
 
 from __future__ import annotations
 
+import threading
+
 import torch
+from torch import nn
 
 from wcam import Engine, Preprocess
+from wcam.engine import compiled_runner
 
 
 def test_compiled_matches_eager_and_reports_compile_time(seeded_models):
@@ -32,3 +36,65 @@ def test_compiled_matches_eager_and_reports_compile_time(seeded_models):
     seconds = compiled._runner.compile_seconds
     # one graph for batches of 3 and 4 (the bucket of 4) and one for batch 1, each timed
     assert sorted(key[-1] for key in seconds) == [1, 4] and all(s > 0 for s in seconds.values())
+
+
+class _Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.fc = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_compiled_on_a_model_with_trainable_parameters():
+    """A freshly built model's parameters require grad: the graph (which holds its own backward) must still
+    run, agree with eager, and leave the parameters as they were (no .grad, requires_grad kept)."""
+    model = _Small().train()
+    preprocess = Preprocess(size=(20, 30))
+    images = torch.randn(3, 3, 20, 30, generator=torch.Generator().manual_seed(0))
+    want = Engine(model, preprocess=preprocess).explain(images, targets=[4, 0, 2])
+    got = Engine(model, preprocess=preprocess, backend="compiled").explain(images, targets=[4, 0, 2])
+    assert not got.heatmaps.requires_grad and not got.layer_scores.requires_grad
+    assert (got.heatmaps - want.heatmaps).abs().max().item() <= 1e-3
+    assert all(p.requires_grad and p.grad is None for p in model.parameters()) and model.training
+
+
+def test_a_graph_being_traced_does_not_hold_up_calls_on_a_compiled_one(monkeypatch):
+    """One thread traces a graph for a new batch size (held here until released); another thread's call on
+    the graph compiled before must finish meanwhile, not wait for the runner's lock."""
+    model = _Small().eval().requires_grad_(False)
+    engine = Engine(model, preprocess=Preprocess(size=(20, 30)), backend="compiled")
+    one = torch.randn(1, 3, 20, 30)
+    want = engine.explain(one)  # compiles the batch-1 graph
+    entered, release = threading.Event(), threading.Event()
+
+    def held_trace(*args, **kwargs):
+        entered.set()
+        release.wait(timeout=120)
+        raise RuntimeError("stopped by the test")
+
+    monkeypatch.setattr(compiled_runner, "trace_joint", held_trace)
+    failures: list[BaseException] = []
+
+    def new_batch() -> None:
+        try:
+            engine.explain(torch.randn(2, 3, 20, 30))
+        except RuntimeError as error:
+            failures.append(error)
+
+    tracer = threading.Thread(target=new_batch)
+    tracer.start()
+    try:
+        assert entered.wait(timeout=120)
+        results: list = []
+        caller = threading.Thread(target=lambda: results.append(engine.explain(one)))
+        caller.start()
+        caller.join(timeout=120)
+        assert results and torch.equal(results[0].heatmaps, want.heatmaps), "the call waited for the tracing"
+    finally:
+        release.set()
+        tracer.join(timeout=120)
+    assert [str(f) for f in failures] == ["stopped by the test"]

@@ -503,6 +503,27 @@ def test_with_p_on_a_layer_subset_equals_an_engine_on_those_layers(resnet, resne
     assert float(got.layer_weights[:, outside].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_with_p_takes_numpy_and_torch_integer_indices(resnet_explained, kind):
+    _, _, explanation = resnet_explained
+    indices = np.array([0, 5, -1]) if kind == "numpy" else torch.tensor([0, 5, -1])
+    got = explanation.with_p(50.0, layers=indices)
+    want = explanation.with_p(50.0, layers=[0, 5, -1])
+    assert torch.equal(got.heatmaps, want.heatmaps)
+    with pytest.raises(wcam.UnknownLayerError, match="out of range"):
+        explanation.with_p(50.0, layers=np.array([0, 99]))
+    with pytest.raises(wcam.UnknownLayerError, match="out of range"):
+        explanation.with_p(50.0, layers=[True])  # a bool is no layer index
+
+
+def test_heatmap_takes_negative_indices_like_a_list(resnet_explained):
+    _, _, explanation = resnet_explained
+    last = len(explanation) - 1
+    assert torch.equal(explanation.heatmap(-1), explanation.heatmap(last))
+    with pytest.raises(IndexError):
+        explanation.heatmap(len(explanation))
+
+
 def test_with_p_unknown_layer_name_lists_close_names(resnet_explained):
     _, _, explanation = resnet_explained
     with pytest.raises(wcam.UnknownLayerError) as info:
@@ -832,3 +853,30 @@ def test_from_name_lite0_predicts_egyptian_cat(photos):
     assert engine.categories[int(got.targets[0])] == "Egyptian cat"
     assert got.image_sizes == [photos["chelsea"].shape[:2]]
     assert tuple(got.heatmap(0).shape) == photos["chelsea"].shape[:2]
+
+
+def test_efficientnet_b0_preset_filters_the_authors_names():
+    """The spec's EfficientNet-B0 preset, by name as the authors' code applies it: 18 of 81 convs; stage 1's
+    block has no expand conv, so ``block.0.0`` there is its depthwise conv (dropped) and its project conv
+    ``block.2.0`` stays."""
+    from torchvision.models import efficientnet_b0
+
+    from wcam.engine.layers import conv_layers, preset_layers
+
+    model = efficientnet_b0()
+    layers = preset_layers(model)
+    assert len(conv_layers(model)) == 81 and len(layers) == 18
+    assert layers[:3] == ["features.0.0", "features.1.0.block.2.0", "features.2.0.block.1.0"]
+    assert not any(part in name for name in layers for part in ("fc1", "fc2", "block.0.0", "block.3.0"))
+    assert layers[-1] == "features.8.0" and Engine(model).layers == layers
+
+
+def test_inception_v3_preset_drops_the_auxiliary_head():
+    from torchvision.models import inception_v3
+
+    from wcam.engine.layers import conv_layers, preset_layers
+
+    model = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    layers = preset_layers(model)
+    aux = [n for n in conv_layers(model) if n.startswith("AuxLogits.")]
+    assert aux and len(layers) == 94 and layers == [n for n in conv_layers(model) if n not in aux]

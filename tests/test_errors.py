@@ -16,7 +16,15 @@ from torch import nn
 
 import wcam
 from helpers import hook_counts
-from wcam import Engine, ImageError, TargetError, UnknownLayerError, UnknownModelError, UnknownWeightsError
+from wcam import (
+    Engine,
+    ImageError,
+    TargetError,
+    UnknownLayerError,
+    UnknownModelError,
+    UnknownWeightsError,
+    WeightsFileError,
+)
 from wcam.engine.models import load_model
 
 SHAPE = (16, 20)
@@ -87,6 +95,7 @@ def resnet(seeded_models) -> nn.Module:
         (torch.zeros(2, 1, *SHAPE), ["B x 3 x H x W", "(2, 1, 16, 20)"]),
         (torch.zeros(2, 3, 4, *SHAPE), ["B x 3 x H x W", "(2, 3, 4, 16, 20)"]),
         (torch.zeros(0, 3, *SHAPE), ["empty"]),
+        (torch.zeros(0, 3, *SHAPE, dtype=torch.uint8), ["empty", "(0, 3, 16, 20)"]),
         (torch.zeros(2, 3, *SHAPE, dtype=torch.int32), ["int32", "uint8"]),
         (torch.zeros(3, *SHAPE, dtype=torch.int64), ["int64", "uint8"]),
         (np.zeros((*SHAPE, 3), dtype=np.float64), ["float64", "uint8"]),
@@ -98,7 +107,7 @@ def resnet(seeded_models) -> nn.Module:
         (np.zeros((3, *SHAPE), dtype=np.uint8), ["H x W x 3", "(3, 16, 20)"]),
     ],
     ids=[
-        "4-channels", "3-D-float", "1-channel", "5-D-float", "empty-batch",
+        "4-channels", "3-D-float", "1-channel", "5-D-float", "empty-batch", "empty-uint8-batch",
         "int32-tensor", "int64-tensor", "float64-numpy", "float32-numpy", "int16-numpy-batch",
         "uint8-tensor-4ch", "uint8-tensor-hwc", "numpy-5ch", "numpy-chw",
     ],
@@ -125,6 +134,19 @@ def test_non_finite_images(tiny, value):
     bad[1, 2, 3, 4] = value
     with pytest.raises(ImageError, match="NaN or Inf"):
         engine.explain(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_finite_half_precision_images_are_not_taken_for_inf(tiny, dtype):
+    """The finiteness check sums in float32: a float16 sum of these 2 x 3 x 16 x 20 values (1,920 x 60 =
+    115,200) would overflow past 65,504 and refuse a valid batch; the Inf next to them is still found."""
+    _, engine = tiny
+    good = torch.full((2, 3, *SHAPE), 60.0, dtype=dtype)
+    assert not torch.isfinite(good.sum()) or dtype == torch.bfloat16  # what the plain sum would do
+    assert engine.explain(good).heatmaps.shape == (2, *SHAPE)
+    good[1, 0, 0, 0] = math.inf
+    with pytest.raises(ImageError, match="NaN or Inf"):
+        engine.explain(good)
 
 
 @pytest.mark.parametrize(
@@ -194,6 +216,31 @@ def test_unknown_lite0_weights(tmp_path):
     with pytest.raises(UnknownWeightsError) as info:
         Engine.from_name("efficientnet_lite0", weights=missing)
     assert "missing.pth" in str(info.value) and "efficientnet_lite0" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"PK\x03\x04 not a zip archive at all", ["cannot read weights file"]),
+        ({"conv1.weight": torch.full((2, 2), math.nan)}, ["NaN or Inf", "conv1.weight"]),
+        ([torch.zeros(2)], ["does not hold a state dict"]),
+        ({"fc.weight": torch.zeros(2, 2)}, ["does not fit resnet18", "Missing key"]),
+    ],
+    ids=["garbage", "nan", "a-list", "another-model"],
+)
+def test_bad_weights_files_are_named(tmp_path, content, words):
+    """A file that is not a state dict, or holds NaN (which would only show later, as NaN logits), or does not
+    fit the model: a WeightsFileError naming the file and the problem."""
+    path = tmp_path / "weights.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(WeightsFileError) as info:
+        Engine.from_name("resnet18", weights=str(path))
+    assert str(path) in str(info.value)
+    for word in words:
+        assert word in str(info.value)
 
 
 def test_model_without_conv2d():
@@ -409,5 +456,5 @@ def test_layer_with_non_4d_output_is_named(tiny):
 
 def test_errors_are_exported_at_the_top_level():
     assert wcam.ImageError is ImageError and wcam.TargetError is TargetError
-    for error in (ImageError, TargetError, UnknownLayerError, UnknownModelError, UnknownWeightsError):
+    for error in (ImageError, TargetError, UnknownLayerError, UnknownModelError, UnknownWeightsError, WeightsFileError):
         assert issubclass(error, ValueError)

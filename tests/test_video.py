@@ -107,6 +107,15 @@ def test_explain_stream_yields_one_explanation_per_frame_in_order(engine, tmp_pa
         next(engine.explain_stream(frames, batch_size=0))
 
 
+def test_explain_stream_takes_any_integer_class(engine, tmp_path):
+    frames = make_video(tmp_path / "in.mp4", count=2)
+    for target in (3, np.int64(3), torch.tensor(3)):
+        assert [e.targets.tolist() for e in engine.explain_stream(frames, targets=target)] == [[3], [3]]
+    for bad in (3.0, [3, 4], True):
+        with pytest.raises(TypeError, match="one int class"):
+            next(engine.explain_stream(frames, targets=bad))
+
+
 def test_output_keeps_frame_count_size_rate_and_timestamps(engine, tmp_path):
     make_video(tmp_path / "in.mp4")
     summary = explain_video(engine, str(tmp_path / "in.mp4"), tmp_path / "out.mp4", VideoOptions(batch_size=5))
@@ -275,6 +284,9 @@ def test_cli_truncated_input_leaves_a_playable_prefix(tmp_path, capsys):
         (["video", "{clip}", "-o", "out.mp4", "--every", "0"], 2, "every"),
         (["video", "{clip}", "-o", "out.mp4", "--smooth", "1.5"], 2, "smooth"),
         (["video", "{clip}", "-o", "no/such/dir/out.mp4", "--model", "resnet18", "--weights", "none"], 1, "cannot write"),
+        (["video", "{clip}", "-o", "./{clip}", "--model", "resnet18", "--weights", "none"], 1, "same file"),
+        (["video", "{clip}", "-o", "out.mp4", "--jsonl", "out.mp4", "--model", "resnet18", "--weights", "none"], 1,
+         "same file"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, code, message):
@@ -285,6 +297,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, code, mess
     assert main(args) == code
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+    assert len(decode(tmp_path / "clip.mp4")[0]) == 2  # the input is never touched
 
 
 def test_cli_writes_video_and_sidecars(tmp_path, capsys):

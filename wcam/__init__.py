@@ -10,6 +10,7 @@ from wcam.engine import (
     UnknownLayerError,
     UnknownModelError,
     UnknownWeightsError,
+    WeightsFileError,
 )
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "UnknownLayerError",
     "UnknownModelError",
     "UnknownWeightsError",
+    "WeightsFileError",
     "__version__",
     "tune_malloc",
 ]

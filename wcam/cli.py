@@ -392,7 +392,7 @@ def _weights(text: str) -> str | None:
 def _build_engine(args: argparse.Namespace) -> "Engine":
     """The engine for ``--model/--weights/--size/--backend/--device/--interpolation``, with load failures as
     one-line errors."""
-    from wcam import Engine, Preprocess, UnknownWeightsError
+    from wcam import Preprocess
 
     device = _resolve_device(args.device)
     weights = _weights(args.weights)
@@ -406,11 +406,18 @@ def _build_engine(args: argparse.Namespace) -> "Engine":
     if args.size is not None:
         options["preprocess"] = Preprocess(size=args.size)
     logger.info("loading model %s (weights %s) on %s, backend %s", args.model, weights, device, args.backend)
+    with _quiet_exporter(args.verbose):  # the onnxruntime backend exports the graph on first use
+        return _named_engine(args.model, weights, options)
+
+
+def _named_engine(model: str, weights: str | None, options: dict) -> "Engine":
+    """``Engine.from_name`` with missing or unknown weights as one-line errors (bad files: WeightsFileError)."""
+    from wcam import Engine, UnknownWeightsError
+
     try:
-        with _quiet_exporter(args.verbose):  # the onnxruntime backend exports the graph on first use
-            return Engine.from_name(args.model, weights=weights, **options)
+        return Engine.from_name(model, weights=weights, **options)
     except FileNotFoundError as exc:
-        raise CliError(f"cannot load weights {weights!r} for {args.model}: {exc.strerror or _reason(exc)}") from exc
+        raise CliError(f"cannot load weights {weights!r} for {model}: {exc.strerror or _reason(exc)}") from exc
     except UnknownWeightsError as exc:
         raise CliError(str(exc), code=2) from exc
 
@@ -538,7 +545,7 @@ def _check_writable(target: Path) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``wcam export``: write MODEL's features or full graph to ONNX; print one summary line."""
-    from wcam import Engine, Preprocess, UnknownWeightsError
+    from wcam import Preprocess
     from wcam.export.decompositions import UnsupportedOpError
     from wcam.export.onnx_graph import export_onnx
 
@@ -549,12 +556,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.size is not None:
         options["preprocess"] = Preprocess(size=args.size)
     logger.info("loading model %s (weights %s)", args.model, weights)
-    try:
-        engine = Engine.from_name(args.model, weights=weights, **options)
-    except FileNotFoundError as exc:
-        raise CliError(f"cannot load weights {weights!r} for {args.model}: {exc.strerror or _reason(exc)}") from exc
-    except UnknownWeightsError as exc:
-        raise CliError(str(exc), code=2) from exc
+    engine = _named_engine(args.model, weights, options)
 
     started = time.perf_counter()
     try:
@@ -607,7 +609,7 @@ def _error(message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``wcam`` command line on ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    from wcam import ImageError, TargetError, UnknownLayerError, UnknownModelError
+    from wcam import ImageError, TargetError, UnknownLayerError, UnknownModelError, WeightsFileError
 
     try:
         args = build_parser().parse_args(argv)
@@ -632,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (UnknownModelError, UnknownLayerError, TargetError) as exc:
         return _error(_reason(exc), 2)
-    except ImageError as exc:
+    except (ImageError, WeightsFileError, FloatingPointError) as exc:  # bad inputs: images, a weights file, NaN logits
         return _error(_reason(exc), 1)
     except ValueError as exc:  # the engine's argument checks (p, method, layer sets, weights names)
         logger.debug("usage error", exc_info=True)

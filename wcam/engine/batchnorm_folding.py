@@ -22,7 +22,8 @@ The caller's model is never changed. The trace is checked once against the model
 gradient of one image: fx does not record ``torch.no_grad()`` blocks nor the data-dependent branches it
 took), and before every call against the model's current state (same modules and parameters in the same
 places, no new hooks on a traced-through module; weights, biases and running statistics not changed since
-folding); otherwise it is folded again.
+folding, as their storage and version counter tell: a write through ``.data`` escapes the counter);
+otherwise it is folded again.
 """
 
 from __future__ import annotations

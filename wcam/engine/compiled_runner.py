@@ -53,9 +53,13 @@ class CompiledRunner:
 
     def _get(self, layers: Sequence[str], images: Tensor, bucket: int) -> tuple[Callable[..., tuple[Tensor, ...]], int, tuple, bool]:
         key = (tuple(layers), tuple(images.shape[-2:]), images.dtype, images.device, bucket)
-        with self._lock:
-            if key in self._compiled:
-                return (*self._compiled[key], key, False)
+        found = self._compiled.get(key)  # no lock: a graph in use never waits for another one being traced
+        if found is not None:
+            return (*found, key, False)
+        with self._lock:  # tracing (seconds) one graph at a time; Inductor compiles on the first call, unlocked
+            found = self._compiled.get(key)
+            if found is not None:
+                return (*found, key, False)
             started = time.perf_counter()
             size = tuple(images.shape[-2:])
             graph = self.layout.run(
@@ -83,7 +87,8 @@ class CompiledRunner:
         if self.layout.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         started = time.perf_counter()
-        outputs = [out[:batch] for out in compiled(images, chosen)]
+        with torch.no_grad():  # the graph holds its own backward; trainable parameters must not make a second one
+            outputs = [out[:batch] for out in compiled(images, chosen)]
         if fresh:
             self.compile_seconds[key] += time.perf_counter() - started
             logger.info("compiled %d layers at %s for batches of %d in %.1f s", len(layers), key[1], bucket, self.compile_seconds[key])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from wcam.engine.explanation import METHODS, Explanation
-from wcam.engine.layers import conv_layers, preset_layers, resolve_layers
+from wcam.engine.layers import as_index, conv_layers, preset_layers, resolve_layers
 from wcam.engine.models import load_model
 from wcam.engine.preprocess import Preprocess
 from wcam.engine.compiled_runner import CompiledRunner
@@ -63,7 +63,8 @@ class Engine:
     precision: the folded output ``s A + t`` holds ``A`` to float32 rounding of ``t``, which put the
     pretrained EfficientNet-Lite0's float32 heatmaps 1.7e-4 from float64 on real photos, against 1e-5
     unfolded. The copy shares all other modules, is checked once against the model (logits and input
-    gradients) and is re-folded whenever the model's weights or modules change; a model that cannot be
+    gradients) and is re-folded whenever the model's weights or modules change (writes through ``.data``
+    bypass torch's version counters and are not seen: build a new engine after those); a model that cannot be
     traced, or whose trace differs, runs as it is (logged).
     """
 
@@ -228,8 +229,10 @@ class Engine:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if targets is not None and not isinstance(targets, int):
-            raise TypeError(f"targets for a stream must be one int class (or None), got {type(targets).__name__}")
+        if targets is not None:
+            if as_index(targets) is None:
+                raise TypeError(f"targets for a stream must be one int class (or None), got {type(targets).__name__}")
+            targets = as_index(targets)
         check_percentile(p)
         pending: list[Any] = []
         for frame in frames:

@@ -174,5 +174,6 @@ class Explanation:
 
     def heatmap(self, index: int, size: tuple[int, int] | None = None) -> Tensor:
         """Normalised heatmap of image ``index`` at ``size`` (default: the image's original size)."""
-        size = tuple(size) if size is not None else self.image_sizes[index]
-        return self.kernels.render(self.sums_at_layer_size[index : index + 1], size, self.interpolation)[0]
+        i = range(len(self))[index]  # negative indices as for a list; out of range: IndexError
+        size = tuple(size) if size is not None else self.image_sizes[i]
+        return self.kernels.render(self.sums_at_layer_size[i : i + 1], size, self.interpolation)[0]

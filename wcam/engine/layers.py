@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import operator
 from typing import Iterable, Sequence
 
 from torch import nn
@@ -17,26 +18,17 @@ def conv_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
 
 
-def _efficientnet_keeps(model: nn.Module, name: str) -> bool:
-    """EfficientNet-B0 preset: drop squeeze-excitation convs and the 1x1 expand/project convs of MBConv."""
-    from torchvision.ops.misc import SqueezeExcitation
-
-    parent_name, _, _ = name.rpartition(".")
-    owner_name, _, _ = parent_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, SqueezeExcitation):
-        return False
-    if owner_name.endswith(".block") or owner_name == "block":
-        conv = model.get_submodule(name)
-        return conv.groups > 1  # inside an MBConv block only the depthwise conv is grouped
-    return True
+EFFICIENTNET_DROPPED = ("fc1", "fc2", "block.0.0", "block.3.0")  # the authors' EfficientNet-B0 preset, by name
 
 
 def preset_layers(model: nn.Module) -> list[str]:
     """The default layer set: every Conv2d, with the authors' presets applied by architecture.
 
-    InceptionV3 drops every module under ``AuxLogits``; torchvision's EfficientNet drops the
-    squeeze-excitation convs (``fc1``, ``fc2``) and the 1x1 expand/project convs of each MBConv block.
+    InceptionV3 drops every module under ``AuxLogits``; torchvision's EfficientNet drops, as the authors' code
+    does, every conv whose name contains ``fc1`` or ``fc2`` (squeeze-excitation), ``block.0.0`` or
+    ``block.3.0`` (the expand and project convs of an MBConv block). In the blocks without an expand conv
+    (``features.1.*``) those names match the depthwise conv instead, which is dropped, and the project conv
+    (``block.2.0``) is kept: the reference's behaviour is the definition (``shared/spec/winsor-cam.md``).
     """
     from torchvision.models import EfficientNet, Inception3
 
@@ -44,7 +36,7 @@ def preset_layers(model: nn.Module) -> list[str]:
     if isinstance(model, Inception3):
         names = [n for n in names if not n.startswith("AuxLogits.")]
     elif isinstance(model, EfficientNet):
-        names = [n for n in names if _efficientnet_keeps(model, n)]
+        names = [n for n in names if not any(part in n for part in EFFICIENTNET_DROPPED)]
     return names
 
 
@@ -70,6 +62,17 @@ def resolve_layers(model: nn.Module | Sequence[str], names: Iterable[str]) -> li
     return resolved
 
 
+def as_index(item: object) -> int | None:
+    """An integer index from an int, a numpy integer or a 0-d integer tensor (``operator.index``); None for
+    anything else (bools included: ``True`` is no layer)."""
+    if isinstance(item, bool):
+        return None
+    try:
+        return operator.index(item)
+    except TypeError:
+        return None
+
+
 def select_layers(layer_names: Sequence[str], selection: object) -> list[int]:
     """Indices into ``layer_names`` chosen by a ``slice`` (e.g. ``slice(10, 40)``) or names or indices."""
     count = len(layer_names)
@@ -87,10 +90,11 @@ def select_layers(layer_names: Sequence[str], selection: object) -> list[int]:
                     hint = f"; closest: {', '.join(suggestions)}" if suggestions else ""
                     raise UnknownLayerError(f"layer {item!r} is not among the explained layers{hint}")
                 indices.append(position[item])
-            elif isinstance(item, int) and -count <= item < count:
-                indices.append(item % count)
             else:
-                raise UnknownLayerError(f"layer index {item!r} out of range for {count} layers")
+                index = as_index(item)
+                if index is None or not -count <= index < count:
+                    raise UnknownLayerError(f"layer index {item!r} out of range for {count} layers")
+                indices.append(index % count)
     if not indices:
         raise ValueError("the layer selection is empty")
     return sorted(set(indices))

