@@ -10,6 +10,11 @@ Three placements of the same numbers (checked equal first), each a full ``engine
 - ``after``: everything after the backward, from the gradients ``autograd.grad`` returns.
 
     python bench/cam_placement.py [--models resnet50 densenet121 efficientnet_lite0] [--batch 8] [--rounds 12]
+                                  [--fold-batch-norms]
+
+With ``--fold-batch-norms`` the engine runs the batch-norm-folded network (and the floor is that network's):
+there the op after a folded convolution (a ReLU's backward) reads its output during the backward, just before
+the hook, which may leave it in cache for ``hooks``.
 
 Prints ms per batch and the median of per-round ratios to the floor (with their interquartile range), then
 the peak resident memory of two explains per placement, each in a fresh process (``--no-peak`` skips it).
@@ -21,7 +26,7 @@ import argparse
 import statistics
 import subprocess
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,16 +36,20 @@ import wcam.engine.runner as runner
 from wcam.benchmark.cases import ModelBench, photos
 from wcam.benchmark.floor import floor
 from wcam.benchmark.timing import interleaved
-from wcam.kernels import LayerMaps, channel_cam, group_maps, layer_maps
+from wcam.engine.batchnorm_folding import Affine
+from wcam.kernels import LayerMaps, channel_weights, group_maps
+
+Affines = Sequence[Affine | None] | None
 
 
-def in_hooks(objective: Tensor, activations: list[Tensor]) -> LayerMaps:
+def in_hooks(objective: Tensor, activations: list[Tensor], affines: Affines = None) -> LayerMaps:
     cams: list[Tensor] = [torch.empty(0)] * len(activations)
     scores: list[Tensor] = [torch.empty(0)] * len(activations)
+    folds = affines or [None] * len(activations)
 
     def on_gradient(index: int, activation: Tensor) -> Callable[[Tensor], None]:
         def hook(gradient: Tensor) -> None:
-            cams[index], scores[index] = channel_cam(activation, gradient)
+            cams[index], scores[index] = runner.layer_cam(activation, channel_weights(gradient), folds[index])
 
         return hook
 
@@ -53,9 +62,11 @@ def in_hooks(objective: Tensor, activations: list[Tensor]) -> LayerMaps:
     return group_maps(cams, scores)
 
 
-def all_after(objective: Tensor, activations: list[Tensor]) -> LayerMaps:
+def all_after(objective: Tensor, activations: list[Tensor], affines: Affines = None) -> LayerMaps:
     gradients = torch.autograd.grad(objective, activations)
-    return layer_maps([a.detach() for a in activations], list(gradients))
+    folds = affines or [None] * len(activations)
+    cams, scores = zip(*(runner.layer_cam(a, channel_weights(g), f) for a, g, f in zip(activations, gradients, folds)))
+    return group_maps(list(cams), list(scores))
 
 
 PLACEMENTS = {"hooks": in_hooks, "split": runner._maps_during_backward, "after": all_after}
@@ -73,11 +84,16 @@ def placed(engine: wcam.Engine, images: Tensor, placement: str) -> Callable[[], 
     return run
 
 
-def peak_mib(name: str, batch: int, placement: str) -> float:
+def eager_engine(name: str, fold: bool) -> wcam.Engine:
+    engines = ModelBench(name, ["eager"], torch.device("cpu"), None).engines
+    return engines["eager, batch norms folded" if fold else "eager"]
+
+
+def peak_mib(name: str, batch: int, placement: str, fold: bool) -> float:
     """Growth of the peak resident memory over two explains at ``placement``, in a fresh process (the peak
     cannot be reset in this one)."""
     wcam.tune_malloc()
-    engine = ModelBench(name, ["eager"], torch.device("cpu"), None).eager
+    engine = eager_engine(name, fold)
     images = photos(batch, engine).contiguous(memory_format=torch.channels_last)
     before = high_water_kib()
     for _ in range(2):
@@ -97,24 +113,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--fold-batch-norms", action="store_true", help="the engine with batch norms folded")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: one placement's peak, in a child
     args = parser.parse_args()
     if args.peak_of:
-        print(peak_mib(args.models[0], args.batch, args.peak_of))
+        print(peak_mib(args.models[0], args.batch, args.peak_of, args.fold_batch_norms))
         return
     wcam.tune_malloc()
     for name in args.models:
-        engine = ModelBench(name, ["eager"], torch.device("cpu"), None).eager
+        engine = eager_engine(name, args.fold_batch_norms)
         images = photos(args.batch, engine).contiguous(memory_format=torch.channels_last)
-        bare = floor(engine.model, engine.layers)
         runs = {placement: placed(engine, images, placement) for placement in PLACEMENTS}
-        reference = runs["split"]().heatmaps
+        reference = runs["split"]().heatmaps  # folds the network first, where asked
+        folded = engine._runner.folding.current if engine._runner.folding is not None else None
+        if args.fold_batch_norms and folded is None:
+            raise SystemExit(f"{name}: nothing folded")
+        bare = floor(folded.module if folded is not None else engine.model, engine.layers)
         for placement, run in runs.items():
             diff = float((run().heatmaps - reference).abs().max())
             if diff > 1e-6:
                 raise AssertionError(f"{placement} differs from split by {diff:.3g}")
         times = interleaved({"floor": lambda: bare(images), **runs}, args.rounds, 2, torch.device("cpu"))
-        print(f"{name}, batch {args.batch}, {args.rounds} rounds")
+        print(f"{name}, batch {args.batch}, {args.rounds} rounds{', batch norms folded' if folded else ''}")
         for label, values in times.items():
             ratios = [t / f for t, f in zip(values, times["floor"])]
             q1, _, q3 = statistics.quantiles(ratios, n=4)
@@ -122,7 +142,8 @@ def main() -> None:
                   f"x floor {statistics.median(ratios):.3f} (IQR {q1:.3f}-{q3:.3f})")
         if not args.no_peak:
             for placement in PLACEMENTS:
-                command = [sys.executable, __file__, "--models", name, "--batch", str(args.batch), "--peak-of", placement]
+                command = [sys.executable, __file__, "--models", name, "--batch", str(args.batch), "--peak-of", placement,
+                           *(["--fold-batch-norms"] if args.fold_batch_norms else [])]
                 mib = float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
                 print(f"  {placement:6s} peak resident memory grew by {mib:.0f} MiB over two explains")
 

@@ -299,11 +299,18 @@ def layer_cams(
             dtype = torch.promote_types(activation.dtype, torch.float32)
             cams.append(activation.new_zeros((batch, h, w), dtype=dtype))
             scores.append(activation.new_zeros((batch,), dtype=dtype))
-        elif affine is None:
-            cams.append(weighted_channels(activation.detach(), alpha))
-            scores.append(alpha.mean(dim=1))
         else:
-            scale, shift = (v.to(alpha.dtype) for v in affine)
-            cams.append(weighted_channels(activation.detach(), alpha) - (alpha @ shift).view(-1, 1, 1))
-            scores.append((alpha * scale).mean(dim=1))
+            cam, score = layer_cam(activation, alpha, affine)
+            cams.append(cam)
+            scores.append(score)
     return cams, scores
+
+
+def layer_cam(activation: Tensor, alpha: Tensor, affine: Affine | None = None) -> tuple[Tensor, Tensor]:
+    """One layer's raw Grad-CAM sum and raw score from its channel weights ``alpha`` (``B x C``); with
+    ``affine = (s, t)``, ``activation`` is a batch-norm-folded output ``s A + t`` and both are those of ``A``."""
+    cam = weighted_channels(activation.detach(), alpha)
+    if affine is None:
+        return cam, alpha.mean(dim=1)
+    scale, shift = (v.to(alpha.dtype) for v in affine)
+    return cam - (alpha @ shift).view(-1, 1, 1), (alpha * scale).mean(dim=1)
