@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from helpers import hook_counts
 from wcam import Engine
 from wcam.benchmark.cases import BenchError, _check_heatmaps, photos
 from wcam.benchmark.peers import PEERS
+from wcam.benchmark.report import Row, targets
 from wcam.benchmark.timing import Summary, interleaved
 from wcam.cli import main
 
@@ -153,3 +155,24 @@ def test_a_failing_compiled_backend_is_left_out_with_a_note(monkeypatch, tmp_pat
     monkeypatch.setattr(bench.engines["eager"]._runner, "run", no_compiler)
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         bench.case(2, peers=[])
+
+
+def test_targets_are_medians_of_per_round_ratios():
+    """Where the ratio of medians and the median of per-round ratios differ, the targets take the latter, as
+    the table does: a round where the machine slowed down for both entries cancels out."""
+
+    def row(label: str, group: str, seconds: list[float]) -> Row:
+        ms = statistics.median(seconds) * 1e3 / 8
+        return Row("m", 8, label, group, ms, ms, ms, 8 / ms, 1.0, 1.0, "", seconds)
+
+    found = [
+        row("floor: forward + activation gradients", "floor", [1.0, 1.0, 1.0]),
+        row("wcam winsor p=90, eager", "wcam", [1.0, 2.0, 4.0]),
+        row("wcam gradcam (last conv), eager", "wcam", [1.0, 2.0, 4.0]),
+        row("wcam with_p: new p on cached maps", "wcam", [0.001, 0.001, 0.001]),
+        row("grad-cam GradCAM, all conv layers", "peer", [3.0, 3.0, 9.0]),
+        row("torchcam GradCAM, last conv", "peer", [0.5, 3.0, 3.0]),
+    ]
+    got = {t["target"].split(" (")[0]: t["value"] for t in targets(found)}
+    assert got["grad-cam all layers"] == pytest.approx(2.25)  # rounds 3, 1.5, 2.25; medians' ratio 1.5
+    assert got["wcam gradcam / fastest peer"] == pytest.approx(4 / 3)  # rounds 2, 2/3, 4/3; medians' 2/3

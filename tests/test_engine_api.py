@@ -880,3 +880,14 @@ def test_inception_v3_preset_drops_the_auxiliary_head():
     layers = preset_layers(model)
     aux = [n for n in conv_layers(model) if n.startswith("AuxLogits.")]
     assert aux and len(layers) == 94 and layers == [n for n in conv_layers(model) if n not in aux]
+
+
+def test_an_inception_weights_file_gets_the_pretrained_input_transform(tmp_path):
+    """torchvision's pretrained InceptionV3 re-normalises its input (``transform_input``), which a state dict
+    does not record; a file (typically a fine-tune of those weights) must get the same, as DEFAULT does."""
+    from torchvision.models import inception_v3
+
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), tmp_path / "ft.pt")
+    engine = Engine.from_name("inception_v3", weights=str(tmp_path / "ft.pt"))
+    assert engine.model.transform_input is True
+    assert Engine.from_name("inception_v3", weights=None).model.transform_input is False  # random: as built

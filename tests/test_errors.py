@@ -458,3 +458,4 @@ def test_errors_are_exported_at_the_top_level():
     assert wcam.ImageError is ImageError and wcam.TargetError is TargetError
     for error in (ImageError, TargetError, UnknownLayerError, UnknownModelError, UnknownWeightsError, WeightsFileError):
         assert issubclass(error, ValueError)
+

@@ -182,6 +182,7 @@ def two(first: dict, second: dict = BOX) -> dict:
         ({"images": {"a.png": BOX, "b.jpg": BOX, "c.png": BOX}}, None, "c.png is not in"),
         (two({"boxes": [[5, 0, 5, 5]]}), None, "is empty"),
         (two({"boxes": [[0, 0, 5]]}), None, "four numbers"),
+        (two({"boxes": [[0, 0, 5, 10**400]]}), None, "four numbers"),  # an int no float holds
         (two({"box": [[0, 0, 5, 5]]}), None, "unknown key 'box'"),
         (two({**BOX, "label": 2}), None, "give all or none"),
         (two({**BOX, "label": -1}), None, "class index >= 0"),

@@ -176,3 +176,58 @@ def test_an_op_the_export_cannot_express_names_the_op_and_its_layer(tmp_path):
         export_onnx(engine, tmp_path / "m.onnx")
     assert info.value.op == "convolution_backward" and info.value.layers == ["1"]
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cache_key_tells_apart_what_the_weights_do_not():
+    """Same weights, another activation, flag or forward: another cached graph; the same model: the same."""
+    from torch import nn
+
+    from wcam.export.cache import graph_key
+
+    def small(activation: type[nn.Module], stride: int = 1) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, stride=stride), activation(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 2)).eval()
+
+    def key(model: nn.Module) -> str:
+        return graph_key(Engine(model), None)
+
+    assert key(small(nn.ReLU)) == key(small(nn.ReLU))
+    assert key(small(nn.ReLU)) != key(small(nn.SiLU))  # no weights differ
+    assert key(small(nn.ReLU)) != key(small(nn.ReLU, stride=2))
+    flagged = small(nn.ReLU)
+    flagged[1].inplace = True
+    assert key(flagged) != key(small(nn.ReLU))
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "padding", "ceil_mode", "count_include_pad", "divisor"),
+    [
+        (9, 2, 2, 0, True, False, None),  # the last window hangs past the input (timm's ResNet-D pooling)
+        (10, 3, 2, 1, True, True, None),  # ... and counts padding: each window's own divisor
+        (11, 3, 3, 1, True, True, 3),
+        (10, 3, 2, 1, False, True, None),
+        (10, 3, 2, 1, False, False, None),
+    ],
+)
+def test_average_pooling_gradient_in_the_graph_matches_autograd(size, kernel, stride, padding, ceil_mode,
+                                                                  count_include_pad, divisor):
+    """The exported graphs' own avg_pool2d backward (wcam/export/decompositions.py) against torch's autograd,
+    in float64 (1e-12: the same sums in another order)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from wcam.export.decompositions import decompositions
+
+    def pool(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(t, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+
+    def gradient(t: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(pool(t), t, upstream)[0]
+
+    x = torch.randn(2, 3, size, size + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
+    upstream = torch.randn_like(pool(x))
+    want = gradient(x.clone().requires_grad_(True), upstream)
+    graph = make_fx(gradient, decomposition_table=decompositions())(x.clone().requires_grad_(True), upstream)
+    assert "avg_pool2d_backward" not in str(graph.graph)  # decomposed, as the ONNX exporter needs
+    got = graph(x.clone().requires_grad_(True), upstream)
+    assert (got - want).abs().max().item() <= 1e-12

@@ -160,6 +160,18 @@ def test_winsor_weights_with_a_mask_and_a_tensor_p():
         np.testing.assert_allclose(got[b, mask].numpy(), expected, rtol=0, atol=1e-12)
 
 
+def test_winsor_mask_of_any_layout_and_a_wrong_length():
+    """A strided integer mask means the same as its bools on both paths; a mask of the wrong length is refused
+    by both (the Triton kernel would read past its end)."""
+    scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    strided = torch.tensor([1, 9, 0, 9, 1, 9, 1, 9], dtype=torch.int8)[::2]  # 1, 0, 1, 1
+    want = TORCH.winsor_weights(scores, 50.0, torch.tensor([True, False, True, True]))
+    for kernels in (TORCH, TRITON):
+        torch.testing.assert_close(kernels.winsor_weights(scores, 50.0, strided), want, rtol=0, atol=1e-12)
+        with pytest.raises(ValueError, match="4 bools"):
+            kernels.winsor_weights(scores, 50.0, torch.tensor([True, False]))
+
+
 def _reference_sum(groups, weights: np.ndarray, out_size, interpolation: str) -> np.ndarray:
     """Spec step 9 literally: every map to (h*, w*), weighted sum, then to the output size; step 10."""
     star = (max(s[0] for s, _, _ in groups), max(s[1] for s, _, _ in groups))

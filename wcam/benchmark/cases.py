@@ -143,6 +143,7 @@ class ModelBench:
         # the input as made
         given = images.contiguous(memory_format=torch.channels_last) if eager.channels_last else images
         reference = eager.explain(given, p=90.0)
+        _check_heatmaps("wcam eager", reference.heatmaps, shape)  # the others are held to it: it must say something
         bare = floor(eager.model, eager.layers)
         entries = [Entry("floor: forward + activation gradients", "floor", lambda: bare(given), "")]
         if given is not images:  # what the channels-last layout saves on the network pass

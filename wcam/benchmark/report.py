@@ -93,7 +93,8 @@ def table(found: list[Row]) -> str:
 def targets(found: list[Row], batch: int = 8) -> list[dict[str, Any]]:
     """Issue 6's targets at ``batch``, per model: wcam's eager Winsor-CAM (the first engine) within 1.10x of the floor;
     wcam's best Winsor-CAM >= 2x faster than pytorch-grad-cam on all conv layers; wcam's gradcam at least as
-    fast as the fastest peer single-layer Grad-CAM; ``with_p`` under 1 ms per image. Where the eager engine
+    fast as the fastest peer single-layer Grad-CAM; ``with_p`` under 1 ms per image. Ratios are medians of
+    per-round ratios, as in the table (the best and the fastest are chosen by median). Where the eager engine
     with batch norms folded ran, one more line (``met`` None) gives its overhead over the floor of the
     folded network."""
     results = []
@@ -110,13 +111,13 @@ def targets(found: list[Row], batch: int = 8) -> list[dict[str, Any]]:
             ratio = Summary.of(folded.seconds, folded_floor.seconds).ratio
             checks.append(("(no target) wcam winsor (eager, batch norms folded) / its floor", ratio, None))
         for peer in [r for r in mine if r.label.startswith("grad-cam GradCAM, all conv layers")]:
-            speedup = peer.ms_per_image / best.ms_per_image
+            speedup = Summary.of(peer.seconds, best.seconds).ratio
             which = peer.label.removeprefix("grad-cam GradCAM, all conv layers").strip(", ") or "frozen model"
             checks.append((f"grad-cam all layers ({which}) / wcam best ({best.label.split(', ', 1)[1]}) >= 2", speedup, speedup >= 2))
         singles = [r for r in mine if r.group == "peer" and "last conv" in r.label]
         if singles:
             fastest = min(singles, key=lambda r: r.ms_per_image)
-            ratio = gradcam.ms_per_image / fastest.ms_per_image
+            ratio = Summary.of(gradcam.seconds, fastest.seconds).ratio
             checks.append((f"wcam gradcam / fastest peer ({fastest.label}) <= 1", ratio, ratio <= 1))
         checks.append(("with_p ms/image < 1", with_p.ms_per_image, with_p.ms_per_image < 1))
         results += [{"model": model, "batch": batch, "target": t, "value": v, "met": m} for t, v, m in checks]

@@ -24,11 +24,11 @@ EFFICIENTNET_DROPPED = ("fc1", "fc2", "block.0.0", "block.3.0")  # the authors' 
 def preset_layers(model: nn.Module) -> list[str]:
     """The default layer set: every Conv2d, with the authors' presets applied by architecture.
 
-    InceptionV3 drops every module under ``AuxLogits``; torchvision's EfficientNet drops, as the authors' code
-    does, every conv whose name contains ``fc1`` or ``fc2`` (squeeze-excitation), ``block.0.0`` or
-    ``block.3.0`` (the expand and project convs of an MBConv block). In the blocks without an expand conv
-    (``features.1.*``) those names match the depthwise conv instead, which is dropped, and the project conv
-    (``block.2.0``) is kept: the reference's behaviour is the definition (``shared/spec/winsor-cam.md``).
+    InceptionV3 drops every module under ``AuxLogits``; torchvision's EfficientNet drops every conv whose name
+    contains ``fc1`` or ``fc2`` (squeeze-excitation), ``block.0.0`` or ``block.3.0`` (the expand and project
+    convs of an MBConv block): the names ``shared/spec/winsor-cam.md`` gives for the authors' preset. In the
+    blocks without an expand conv (``features.1.*``) those names match the depthwise conv instead, which is
+    dropped, and the project conv (``block.2.0``) is kept: the names are the definition.
     """
     from torchvision.models import EfficientNet, Inception3
 

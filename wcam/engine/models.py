@@ -61,6 +61,16 @@ def load_state_dict_file(model: nn.Module, path: str, name: str) -> None:
         raise WeightsFileError(f"weights file {path} does not fit {name}: {reason}") from None
 
 
+def pretrained_conventions(model: nn.Module) -> None:
+    """Give a model about to load a weights file the settings of torchvision's pretrained weights, which such
+    files are fine-tuned from and which a state dict does not record: InceptionV3's ``transform_input``
+    (torchvision sets it with its ImageNet weights; the network then expects its input re-normalised)."""
+    from torchvision.models import Inception3
+
+    if isinstance(model, Inception3):
+        model.transform_input = True
+
+
 @dataclass(frozen=True)
 class NamedModel:
     """A built model with what it needs around it: its input transform and class names."""
@@ -95,6 +105,7 @@ def _torchvision(name: str, size: int) -> Callable[[str | None], NamedModel]:
         kwargs = {"aux_logits": True, "init_weights": True} if name == "inception_v3" and tv_weights is None else {}
         model = torchvision.models.get_model(name, weights=tv_weights, **kwargs)
         if file is not None:
+            pretrained_conventions(model)
             load_state_dict_file(model, file, name)
         categories = list(tv_weights.meta["categories"]) if tv_weights is not None else imagenet_categories()
         return NamedModel(model, Preprocess(size=(size, size)), categories)

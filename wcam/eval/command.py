@@ -109,10 +109,11 @@ def _fit_heads(model: nn.Module, state: dict) -> None:
 
 def _engine_from_file(args: argparse.Namespace) -> Engine:
     """The named model with a state-dict file whose classifier may have another number of classes."""
-    from wcam.engine.models import WeightsFileError, load_model, read_state_dict
+    from wcam.engine.models import WeightsFileError, load_model, pretrained_conventions, read_state_dict
 
     path = args.weights
     built = load_model(args.model, weights=None)
+    pretrained_conventions(built.model)
     try:
         state = read_state_dict(path)
     except WeightsFileError as exc:

@@ -11,7 +11,8 @@ Three sources, all giving a :class:`Dataset` of :class:`Sample` s whose ``load()
                               "classes": ["name of class 0", ...]}
       DIR/masks/<stem>.png   optional, instead of boxes: non-zero pixels are the object
 
-  Boxes are in pixels of the original image, x along columns, ``(x1, y1)`` exclusive (so ``[0, 0, W, H]``
+  Boxes are in pixels of the original image as shown upright (the reader applies its EXIF orientation, and a
+  mask must match that upright size), x along columns, ``(x1, y1)`` exclusive (so ``[0, 0, W, H]``
   is the whole image); several boxes are united. ``label`` (optional, all images or none) is the class to
   explain, an index into the model's outputs; ``classes`` (optional) names them and must then match the
   model's number of outputs. ``note`` is free text. Every image needs boxes or a mask (not both), and every
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +138,16 @@ def _read_json(path: Path) -> Any:
 # ------------------------------------------------------------------ annotations (folder layout and demo)
 
 
+def _finite_number(value: Any) -> bool:
+    """A JSON int or float (not a bool) that is finite as a float (an int past 1e308 is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _parse_boxes(value: Any, where: str) -> np.ndarray:
     if not isinstance(value, list) or not value:
         raise DatasetError(f"{where}: 'boxes' must be a non-empty list of [x0, y0, x1, y1]")
@@ -144,7 +156,7 @@ def _parse_boxes(value: Any, where: str) -> np.ndarray:
         if (
             not isinstance(box, list)
             or len(box) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in box)
+            or not all(_finite_number(v) for v in box)
         ):
             raise DatasetError(f"{where}: a box must be four numbers [x0, y0, x1, y1], got {box!r}")
         if not (box[0] < box[2] and box[1] < box[3]):

@@ -22,8 +22,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wcam"
 
 
+def _structure(model: torch.nn.Module) -> list[list[object]]:
+    """What shapes the graph besides the tensors: each module's name and class, its plain settings (strides,
+    flags such as Inception's ``transform_input``) and a digest of its class's ``forward`` bytecode (a ReLU and
+    a SiLU model with the same weights must not share a graph, nor one whose forward was edited)."""
+    found: list[list[object]] = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        settings = sorted((k, repr(v)) for k, v in vars(module).items()
+                          if not k.startswith("_") and k != "training" and _plain(v))
+        code = getattr(cls.forward, "__code__", None)
+        found.append([name, f"{cls.__module__}.{cls.__qualname__}", settings,
+                      hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest() if code else None])
+    return found
+
+
+def _plain(value: object) -> bool:
+    """A value whose repr is the same in every process (no object addresses)."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, (bool, int, float, str, type(None)))
+
+
 def graph_key(engine: "Engine", opset: int | None) -> str:
-    """A digest of the model's weights and buffers, the layers, input size, dtype, opset and versions."""
+    """A digest of the model's weights and buffers, its structure (:func:`_structure`), the layers, input
+    size, dtype, opset and versions."""
     import wcam
 
     digest = hashlib.sha256()
@@ -32,7 +55,7 @@ def graph_key(engine: "Engine", opset: int | None) -> str:
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     settings = [engine.layers, engine.gradcam_layer, list(engine.preprocess.size), list(engine.preprocess.mean),
                 list(engine.preprocess.std), engine.interpolation, str(engine.dtype), opset,
-                wcam.__version__, torch.__version__, type(engine.model).__qualname__]
+                wcam.__version__, torch.__version__, _structure(engine.model)]
     digest.update(json.dumps(settings).encode())
     return digest.hexdigest()[:24]
 

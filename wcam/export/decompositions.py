@@ -34,8 +34,6 @@ class UnsupportedOpError(RuntimeError):
 OP_MODULES: dict[str, tuple[type, ...]] = {
     "convolution_backward": (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d,
                              torch.nn.Conv1d, torch.nn.Conv3d),
-    "avg_pool2d": (torch.nn.AvgPool2d,),
-    "adaptive_avg_pool2d": (torch.nn.AdaptiveAvgPool2d,),
 }
 
 
@@ -84,11 +82,16 @@ def _convolution_backward(
 
 def _pool_backward(grad_output, input, kernel, stride, padding, scale):
     """Gradient of a window average: spread ``grad_output * scale`` over each window (a grouped transposed
-    convolution with a ones kernel)."""
+    convolution with a ones kernel). With ``ceil_mode`` the last window may hang past the input: the transposed
+    convolution then comes out larger, and the rows and columns past the input (which it never had) are cut."""
     channels = input.shape[1]
     ones = torch.ones(channels, 1, *kernel, dtype=grad_output.dtype, device=grad_output.device)
     extra = _output_padding(grad_output.shape[2:], input.shape[2:], kernel, stride, padding, [1, 1])
-    return aten.convolution(grad_output * scale, ones, None, stride, padding, [1, 1], True, extra, channels)
+    spread = aten.convolution(grad_output * scale, ones, None, stride, padding, [1, 1], True,
+                              [max(e, 0) for e in extra], channels)
+    if min(extra) < 0:
+        spread = spread[:, :, : input.shape[2], : input.shape[3]]
+    return spread
 
 
 def _avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
@@ -99,12 +102,10 @@ def _avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_
         scale = 1.0 / divisor_override
     elif count_include_pad and not ceil_mode:
         scale = 1.0 / (kernel[0] * kernel[1])
-    elif not count_include_pad:  # divide by the number of real (non-padding) elements of each window
+    else:  # each window's own divisor, as the forward took it: average of ones / sum of ones, window by window
         ones = torch.ones_like(input[:1, :1])
-        count = aten.avg_pool2d(ones, kernel, stride, padding, ceil_mode, False, 1)
-        scale = 1.0 / count
-    else:
-        raise UnsupportedOpError("avg_pool2d", "ceil_mode=True with count_include_pad=True is not supported")
+        average = aten.avg_pool2d(ones, kernel, stride, padding, ceil_mode, count_include_pad, None)
+        scale = average / aten.avg_pool2d(ones, kernel, stride, padding, ceil_mode, count_include_pad, 1)
     return _pool_backward(grad_output, input, kernel, stride, padding, scale)
 
 

@@ -16,6 +16,13 @@ def check_percentile(p: object) -> float:
     return float(p)
 
 
+def layer_mask(mask: Tensor, count: int, device: torch.device) -> Tensor:
+    """``mask`` as ``count`` contiguous bools on ``device`` (non-zero: the layer is in), else a ValueError."""
+    if not isinstance(mask, Tensor) or mask.shape != (count,):
+        raise ValueError(f"the layer mask must be {count} bools, one per layer, got {getattr(mask, 'shape', mask)!r}")
+    return mask.to(device=device, dtype=torch.bool).contiguous()
+
+
 def winsor_weights(scores: Tensor, p: float | Tensor, mask: Tensor | None = None) -> Tensor:
     """Layer weights in [0.1, 1] (0 for layers with no positive score) from scores clamped at a percentile.
 
@@ -34,7 +41,7 @@ def winsor_weights(scores: Tensor, p: float | Tensor, mask: Tensor | None = None
     s = scores.double()
     positive = s > 0
     if mask is not None:
-        positive &= mask.to(device=s.device, dtype=torch.bool).unsqueeze(0)
+        positive &= layer_mask(mask, s.shape[1], s.device).unsqueeze(0)
     count = positive.sum(dim=1, keepdim=True)
     ordered = torch.where(positive, s, math.inf).sort(dim=1).values  # positives first, ascending
     rank = q * (count - 1).clamp(min=0).double()

@@ -16,7 +16,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from wcam.kernels.winsor import check_percentile
+from wcam.kernels.winsor import check_percentile, layer_mask
 
 BLOCK_J = 32
 
@@ -66,7 +66,7 @@ def winsor_weights(scores: Tensor, p: float | Tensor, mask: Tensor | None = None
     keep = (
         torch.ones(count, dtype=torch.int8, device=scores.device)
         if mask is None
-        else mask.to(device=scores.device, dtype=torch.int8)
+        else layer_mask(mask, count, scores.device).to(torch.int8)
     )
     scores = scores.contiguous()
     weights = torch.empty_like(scores)
