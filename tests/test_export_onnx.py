@@ -231,3 +231,30 @@ def test_average_pooling_gradient_in_the_graph_matches_autograd(size, kernel, st
     assert "avg_pool2d_backward" not in str(graph.graph)  # decomposed, as the ONNX exporter needs
     got = graph(x.clone().requires_grad_(True), upstream)
     assert (got - want).abs().max().item() <= 1e-12
+
+
+def test_average_pooling_of_every_kind_exports_and_matches_eager(tmp_path):
+    """Windows hanging past the input (``ceil_mode``), padding counted or not: the exported graph's layer maps
+    and scores equal eager's. ``divisor_override``, which ONNX cannot express (the exporter would silently
+    drop it), is refused naming the layer."""
+    from torch import nn
+
+    from wcam.export import UnsupportedOpError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False),
+        nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=True),
+        nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(3, 2, padding=1, count_include_pad=False),
+        nn.Conv2d(4, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).eval()
+    eager = Engine(model, preprocess=Preprocess(size=(20, 21)))
+    export_onnx(eager, tmp_path / "pools.onnx")
+    onnx = Engine.from_onnx(tmp_path / "pools.onnx")
+    images = _batch(3, (20, 21), seed=5)
+    want, got = eager.explain(images, p=70.0), onnx.explain(images, p=70.0)
+    assert (got.heatmaps - want.heatmaps).abs().max().item() <= 1e-5
+    torch.testing.assert_close(got.layer_scores, want.layer_scores, rtol=1e-4, atol=1e-9)
+    model[3].divisor_override = 5
+    with pytest.raises(UnsupportedOpError, match=r"avg_pool2d \(in 3\): divisor_override=5"):
+        export_onnx(Engine(model, preprocess=Preprocess(size=(20, 21))), tmp_path / "no.onnx")

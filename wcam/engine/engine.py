@@ -230,9 +230,10 @@ class Engine:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if targets is not None:
-            if as_index(targets) is None:
+            index = as_index(targets)
+            if index is None:
                 raise TypeError(f"targets for a stream must be one int class (or None), got {type(targets).__name__}")
-            targets = as_index(targets)
+            targets = index
         check_percentile(p)
         pending: list[Any] = []
         for frame in frames:

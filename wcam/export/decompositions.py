@@ -102,11 +102,25 @@ def _avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_
         scale = 1.0 / divisor_override
     elif count_include_pad and not ceil_mode:
         scale = 1.0 / (kernel[0] * kernel[1])
-    else:  # each window's own divisor, as the forward took it: average of ones / sum of ones, window by window
-        ones = torch.ones_like(input[:1, :1])
-        average = aten.avg_pool2d(ones, kernel, stride, padding, ceil_mode, count_include_pad, None)
-        scale = average / aten.avg_pool2d(ones, kernel, stride, padding, ceil_mode, count_include_pad, 1)
+    else:
+        scale = 1.0 / _window_sizes(input, grad_output.shape[2:], kernel, stride, padding, count_include_pad)
     return _pool_backward(grad_output, input, kernel, stride, padding, scale)
+
+
+def _window_sizes(input, out_size, kernel, stride, padding, count_include_pad):
+    """Each window's divisor as the forward average took it: its elements inside the input (with
+    ``count_include_pad``: inside the padded input), ``1 x 1 x oh x ow``. Counted by a convolution of ones
+    with a ones kernel, zero-extended at the far end for ``ceil_mode``'s last windows: not with
+    ``avg_pool2d(divisor_override=1)``, which the ONNX exporter turns into a plain average (ONNX's
+    AveragePool has no divisor)."""
+    inside = [input.shape[2 + d] + (2 * padding[d] if count_include_pad else 0) for d in range(2)]
+    pad = [0, 0] if count_include_pad else list(padding)
+    ones = torch.ones(1, 1, *inside, dtype=input.dtype, device=input.device)
+    extra = [max((out_size[d] - 1) * stride[d] + kernel[d] - inside[d] - 2 * pad[d], 0) for d in range(2)]
+    if any(extra):
+        ones = aten.constant_pad_nd(ones, [0, extra[1], 0, extra[0]], 0.0)
+    window = torch.ones(1, 1, *kernel, dtype=input.dtype, device=input.device)
+    return aten.convolution(ones, window, None, stride, pad, [1, 1], False, [0, 0], 1)
 
 
 def _window_matrix(size, out_size, like):

@@ -119,6 +119,16 @@ class _FullGraph(nn.Module):
         return logits, chosen, heatmaps, weights
 
 
+def _refuse_divisor_override(joint: torch.fx.GraphModule, model: torch.nn.Module) -> None:
+    """ONNX's AveragePool has no divisor: the exporter writes ``avg_pool2d(divisor_override=d)`` as a plain
+    average, a silently different network. Refuse it instead, naming the pooling layers that set one."""
+    for node in joint.graph.nodes:
+        if node.target is torch.ops.aten.avg_pool2d.default and len(node.args) > 6 and node.args[6]:
+            layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.AvgPool2d) and m.divisor_override]
+            raise UnsupportedOpError("avg_pool2d", f"divisor_override={node.args[6]} (ONNX's AveragePool has no "
+                                     "divisor; the exporter would drop it)", layers)
+
+
 def export_onnx(
     model_or_engine: "nn.Module | Engine",
     path: str | Path,
@@ -153,6 +163,7 @@ def export_onnx(
     size = engine.preprocess.size
     started = time.perf_counter()
     joint = trace_joint(engine.model, traced, size, engine.dtype)
+    _refuse_divisor_override(joint, engine.model)
     batch = torch.export.Dim("batch", min=1, max=4096)
     images = torch.zeros(2, 3, *size, dtype=engine.dtype)
     targets = torch.full((2,), -1, dtype=torch.long)
