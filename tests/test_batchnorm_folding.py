@@ -95,13 +95,18 @@ def test_float32_folded_on_real_photos_against_float64(lite0, photos):
     assert max_diff(folded.heatmaps, exact.heatmaps) <= 1e-3  # measured 1.7e-4 (unfolded: within 1e-5)
 
 
-class FrozenBackbone(nn.Module):
-    """A linear probe: conv + batch norm under ``torch.no_grad()``, which fx does not record."""
+class ConvBnHead(nn.Module):
+    """One conv feeding one batch norm, then a linear head: the smallest model with something to fold; the
+    subclasses below differ only in their forward."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
         self.fc = nn.Linear(4, 3)
+
+
+class FrozenBackbone(ConvBnHead):
+    """A linear probe: conv + batch norm under ``torch.no_grad()``, which fx does not record."""
 
     def forward(self, x):
         with torch.no_grad():
@@ -238,13 +243,8 @@ def test_a_conv_that_folding_would_break_runs_unfolded(caplog):
     assert "logits differ" in caplog.text
 
 
-class DataDependent(nn.Module):
+class DataDependent(ConvBnHead):
     """Python control flow on a tensor's value: torch.fx cannot trace it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
         x = self.bn(self.conv(x))
