@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from helpers import agrees_with_reference, hook_counts, max_diff
 from wcam import Engine
 from wcam.engine.batchnorm_folding import fold_batch_norms
+from wcam.engine.capture import LayerCapture
 
 SHAPE = (48, 64)
 
@@ -276,3 +278,61 @@ def test_folding_leaves_the_model_as_it_was(resnet64):
     assert [(name, id(p), p.data_ptr(), p.requires_grad) for name, p in model.named_parameters()] == params
     assert hook_counts(model) == hooks
     assert all(p.grad is None for p in model.parameters())
+
+
+class PausedTrace(ConvBnHead):
+    """Stops inside its own trace (its forward sees an fx Proxy) until ``resume`` is set, holding torch.fx's
+    process-wide patch of ``nn.Module`` in place meanwhile."""
+
+    def __init__(self, tracing: threading.Event, resume: threading.Event) -> None:
+        super().__init__()
+        self.tracing, self.resume = tracing, resume
+
+    def forward(self, x):
+        if isinstance(x, torch.fx.Proxy):
+            self.tracing.set()
+            assert self.resume.wait(timeout=60)
+        return self.fc(self.bn(self.conv(x)).relu().mean(dim=(2, 3)))
+
+
+def test_other_threads_run_their_models_while_a_fold_traces(resnet64):
+    torch.manual_seed(20)
+    tracing, resume = threading.Event(), threading.Event()
+    paused = randomise_batch_norms(PausedTrace(tracing, resume).double(), seed=20).eval()
+    folder = threading.Thread(target=lambda: Engine(paused, fold_batch_norms=True).explain(images(1, seed=21)))
+    other = copy.deepcopy(resnet64)
+    x = images(2, seed=22)
+    expected = Engine(other).explain(x)
+    folder.start()
+    try:
+        assert tracing.wait(timeout=60)
+        got = Engine(other).explain(x)  # under fx's patch of nn.Module.__call__ and __getattr__
+        with torch.no_grad():
+            logits = other(x)
+    finally:
+        resume.set()
+        folder.join()
+    assert max_diff(got.heatmaps, expected.heatmaps) <= 1e-12
+    assert type(logits) is torch.Tensor and max_diff(logits, expected.logits) <= 1e-12
+
+
+def test_another_calls_capture_hooks_do_not_make_the_model_look_changed(resnet64):
+    model = copy.deepcopy(resnet64)
+    engine = Engine(model, fold_batch_norms=True)
+    x = images(1, seed=23)
+    engine.explain(x)
+    network = engine._runner.folding.current
+    # what a concurrent explain(layers=["layer4"]) in another thread holds on the model: a hook on a
+    # traced-through block
+    made = []
+    maker = threading.Thread(target=lambda: made.append(LayerCapture(model, ["layer4", "layer2.0.conv1"])))
+    maker.start()
+    maker.join()
+    with made[0]:
+        assert network.matches(model)
+        assert fold_batch_norms(model, engine.layers).folded == network.folded
+    handle = model.layer4.register_forward_hook(lambda m, i, out: None)  # a hook of the model's own does count
+    try:
+        assert not network.matches(model)
+    finally:
+        handle.remove()

@@ -98,3 +98,21 @@ def test_a_graph_being_traced_does_not_hold_up_calls_on_a_compiled_one(monkeypat
         release.set()
         tracer.join(timeout=120)
     assert [str(f) for f in failures] == ["stopped by the test"]
+
+
+def test_at_most_max_graphs_are_kept_the_least_recently_used_dropped(monkeypatch, caplog):
+    """A server whose requests choose the input size: graphs beyond the bound are dropped, least recently used
+    first, and a dropped one is traced again when needed. Compilation itself is replaced by the traced graph
+    (what Inductor compiles), so the test checks the cache, not Inductor."""
+    monkeypatch.setattr(compiled_runner, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(compiled_runner.torch, "compile", lambda graph, **kwargs: graph)
+    model = _Small().eval().requires_grad_(False)
+    engine = Engine(model, backend="compiled")
+    eager = Engine(model)
+    sizes = [(20, 30), (24, 24), (20, 30), (16, 32), (24, 24)]
+    for h, w in sizes:
+        images = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+        assert (engine.explain(images).heatmaps - eager.explain(images).heatmaps).abs().max().item() <= 1e-5
+    # (24, 24) was dropped when (16, 32) came ((20, 30) had been used after it), then traced again
+    assert [key[1] for key in engine._runner._compiled] == [(16, 32), (24, 24)]
+    assert caplog.text.count("dropped the least recently used") == 2

@@ -276,6 +276,59 @@ def test_a_model_in_eval_mode_is_only_looked_at():
     assert model.train_calls == 1 and all(m.training for m in model.modules())
 
 
+class PausingNet(TinyNet):
+    """A model with a batch norm; a call from a thread in ``gates`` stops after conv1, sets the thread's
+    ``paused`` event and waits for its ``resume`` event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(6)
+        self.gates: dict[int, tuple[threading.Event, threading.Event]] = {}
+
+    def forward(self, x):
+        x = self.conv1(x)
+        gate = self.gates.get(threading.get_ident())
+        if gate is not None:
+            gate[0].set()
+            assert gate[1].wait(timeout=60)
+        x = nn.functional.max_pool2d(self.bn(x).relu(), 2)
+        return self.fc(self.conv2(x).relu().mean(dim=(2, 3)))
+
+
+def test_two_engines_on_one_model_keep_it_in_eval_mode_for_each_other():
+    """On a model in training mode, engine B's call starts first and ends while engine A's is mid-forward: the
+    model must stay in eval mode for A (one guard per model, not per engine), or A's batch norm would
+    normalise by batch statistics and update the running ones."""
+    torch.manual_seed(30)
+    model = PausingNet().train()
+    torch.manual_seed(30)
+    expected = Engine(PausingNet().train()).explain(x := images(2, seed=31))
+    running = model.bn.running_mean.clone()
+    engines = {"A": Engine(model), "B": Engine(model, layers=["conv2"])}
+    gates = {name: (threading.Event(), threading.Event()) for name in engines}
+    got = {}
+
+    def explain(name: str) -> None:
+        model.gates[threading.get_ident()] = gates[name]
+        got[name] = engines[name].explain(x)
+
+    threads = {name: threading.Thread(target=explain, args=(name,)) for name in engines}
+    try:
+        for name in ("B", "A"):  # B enters first, then A, each pausing mid-forward
+            threads[name].start()
+            assert gates[name][0].wait(timeout=60)
+        gates["B"][1].set()
+        threads["B"].join()  # B has left while A is still inside
+    finally:
+        for paused, resume in gates.values():
+            resume.set()
+        for thread in threads.values():
+            thread.join()
+    assert max_diff(got["A"].heatmaps, expected.heatmaps) <= 1e-6
+    assert torch.equal(model.bn.running_mean, running)
+    assert all(m.training for m in model.modules())
+
+
 # ------------------------------------------------------------------ memory layout of the network input
 
 

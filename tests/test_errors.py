@@ -299,6 +299,49 @@ def test_nested_targets(tiny):
         engine.explain(images(2), targets=[[1], [2]])
 
 
+@pytest.mark.parametrize("targets", ["cat", [0, None], [[1], [2, 3]], object()],
+                         ids=["str", "none-in-list", "ragged", "object"])
+def test_targets_that_are_no_numbers(tiny, targets):
+    model, engine = tiny
+    with HookWatch(model), pytest.raises(TargetError, match="an int or one int per image, got"):
+        engine.explain(images(2), targets=targets)
+
+
+@pytest.mark.parametrize("size", [(0, 5), (-3, 5), (4,), 5, (4.0, 5), "ab"])
+def test_heatmap_size_must_be_two_positive_ints(tiny, size):
+    _, engine = tiny
+    explanation = engine.explain(images(1))
+    with pytest.raises(ValueError, match=r"size must be \(height, width\), two positive ints"):
+        explanation.heatmap(0, size)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [({"batch_size": 0}, ValueError, "batch_size"), ({"p": 500}, ValueError, "p must be"),
+     ({"method": "x"}, ValueError, "method must be"), ({"layers": ["conv9"]}, UnknownLayerError, "conv9"),
+     ({"targets": 1.5}, TypeError, "one int class")],
+    ids=["batch_size", "p", "method", "layer", "targets"],
+)
+def test_stream_arguments_are_checked_before_a_frame_is_read(tiny, kwargs, error, words):
+    _, engine = tiny
+
+    def frames():
+        raise AssertionError("a frame was read")
+        yield
+
+    with pytest.raises(error, match=words):
+        engine.explain_stream(frames(), **kwargs)
+
+
+def test_stream_frames_of_mixed_kinds_are_named(tiny):
+    _, engine = tiny
+    float_frame, uint8_frame = images(1)[0], np.zeros((*SHAPE, 3), dtype=np.uint8)
+    with pytest.raises(ImageError, match="frame 3 is ndarray where frame 2 is a float tensor"):
+        list(engine.explain_stream([float_frame] * 3 + [uint8_frame], batch_size=2))
+    with pytest.raises(ImageError, match=r"frame 1: a normalised float frame must be 3 x H x W.*\(3, 4, 5\)"):
+        list(engine.explain_stream([float_frame, torch.zeros(3, 4, 5)], batch_size=2))
+
+
 # ------------------------------------------------------------------ p, method, interpolation
 
 

@@ -107,6 +107,19 @@ def test_explain_stream_yields_one_explanation_per_frame_in_order(engine, tmp_pa
         next(engine.explain_stream(frames, batch_size=0))
 
 
+def test_a_stream_of_normalised_float_frames_gives_results_that_own_their_tensors(engine):
+    """3 x H x W and 1 x 3 x H x W float frames are one image each; a kept result must not hold its batch."""
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    results = list(engine.explain_stream([x[0], x[1:2], x[2], x[3], x[4:5]], batch_size=2))
+    whole = engine.explain(x)
+    assert len(results) == 5
+    torch.testing.assert_close(torch.cat([r.heatmaps for r in results]), whole.heatmaps, rtol=0, atol=1e-5)
+    for got in results:
+        tensors = [got.heatmaps, got.sums, got.logits, got.layer_scores, got.layer_weights, got.sums_at_layer_size,
+                   got.layer_maps.scores, *(maps for _, maps in got.layer_maps.groups.values())]
+        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors)
+
+
 def test_explain_stream_takes_any_integer_class(engine, tmp_path):
     frames = make_video(tmp_path / "in.mp4", count=2)
     for target in (3, np.int64(3), torch.tensor(3)):

@@ -40,6 +40,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from wcam.engine.capture import own_hooks_only
+
 logger = logging.getLogger(__name__)
 
 Affine = tuple[Tensor, Tensor]  # (s, t): the folded output is s * A + t, channel by channel
@@ -49,7 +51,8 @@ _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, opera
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+    """Hooks of the model's own: wcam's per-call capture hooks (other threads' calls) do not count."""
+    return bool(not own_hooks_only(module._forward_hooks) or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
 
 
@@ -59,12 +62,28 @@ def _resolve(root: nn.Module, target: str) -> Any:
 
 class _Tracer(fx.Tracer):
     """Traces into a module only where a batch norm could be folded: a module without a batch norm inside, a
-    convolution, a batch norm, an explained layer or a module with hooks of its own stays one call."""
+    convolution, a batch norm, an explained layer or a module with hooks of its own stays one call.
+
+    While it traces, ``torch.fx`` patches ``nn.Module.__call__`` and ``__getattr__`` for the whole process;
+    a module call or attribute read from any other thread (another request on this model, or any model)
+    goes through this tracer then, and is passed straight to the module, never recorded.
+    """
 
     def __init__(self, model: nn.Module, keep: set[nn.Module]) -> None:
         super().__init__()
         plain = {m for m in model.modules() if not any(isinstance(c, nn.BatchNorm2d) for c in m.modules())}
         self._units = keep | plain
+        self._thread = threading.get_ident()
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (

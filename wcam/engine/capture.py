@@ -9,6 +9,24 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 
+class CaptureHook:
+    """The forward hook of one :class:`LayerCapture` on one layer: a class of its own, so that code which
+    looks for the model's own hooks (:mod:`wcam.engine.batchnorm_folding`) can tell wcam's per-call hooks,
+    which other threads put on a shared model at any moment, from them."""
+
+    def __init__(self, capture: "LayerCapture", name: str) -> None:
+        self._capture = capture
+        self._name = name
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        return self._capture._record(self._name, output)
+
+
+def own_hooks_only(hooks: dict) -> bool:
+    """Whether a module's forward-hook dict holds nothing but wcam's :class:`CaptureHook` instances."""
+    return all(isinstance(hook, CaptureHook) for hook in hooks.values())
+
+
 class LayerCapture:
     """Context manager: records the raw output of each named layer during a forward pass in this thread.
 
@@ -32,7 +50,7 @@ class LayerCapture:
     def __enter__(self) -> "LayerCapture":
         try:
             for name, module in self._modules:
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+                self._handles.append(module.register_forward_hook(CaptureHook(self, name)))
         except BaseException:
             self._remove()
             raise
@@ -48,25 +66,22 @@ class LayerCapture:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-            if threading.get_ident() != self._thread:
-                return None
-            if not isinstance(output, Tensor) or output.dim() != 4:
-                raise TypeError(
-                    f"layer {name!r} must output a 4-D tensor (B x C x h x w), got "
-                    f"{type(output).__name__}{tuple(output.shape) if isinstance(output, Tensor) else ''}"
-                )
-            self._calls[name] = self._calls.get(name, 0) + 1
-            copy = name in self._clone
-            if not output.requires_grad:  # does not depend on the input: make it a leaf, keep it safe
-                output.requires_grad_(True)
-                copy = True
-            self.outputs[name] = output
-            self._versions[name] = output._version
-            return output.clone() if copy else None
-
-        return hook
+    def _record(self, name: str, output: Tensor) -> Tensor | None:
+        if threading.get_ident() != self._thread:
+            return None
+        if not isinstance(output, Tensor) or output.dim() != 4:
+            raise TypeError(
+                f"layer {name!r} must output a 4-D tensor (B x C x h x w), got "
+                f"{type(output).__name__}{tuple(output.shape) if isinstance(output, Tensor) else ''}"
+            )
+        self._calls[name] = self._calls.get(name, 0) + 1
+        copy = name in self._clone
+        if not output.requires_grad:  # does not depend on the input: make it a leaf, keep it safe
+            output.requires_grad_(True)
+            copy = True
+        self.outputs[name] = output
+        self._versions[name] = output._version
+        return output.clone() if copy else None
 
     def collect(self) -> list[Tensor]:
         """The captured outputs in layer order; every layer must have run exactly once."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
@@ -19,6 +20,8 @@ from wcam.kernels.dispatch import TorchKernels
 from wcam.kernels.transfer import to_device
 
 logger = logging.getLogger(__name__)
+
+MAX_GRAPHS = 16  # compiled graphs kept per engine; the least recently used goes beyond that
 
 
 class CompiledRunner:
@@ -36,7 +39,9 @@ class CompiledRunner:
     outputs copied out before the next replay overwrites them. ``compile_seconds`` records what each
     compilation cost (tracing included; Inductor's own work runs on the first call, which is included). The
     graph is traced in eval mode and holds the parameters as they are: build a new engine after changing the
-    model. With ``channels_last`` (the CPU default) the graph is traced for, and given, channels-last input,
+    model. At most :data:`MAX_GRAPHS` graphs are kept, the least recently used dropped first (logged): a server
+    that lets requests choose layers or input sizes would otherwise keep every graph it ever compiled (and
+    compiles again, for seconds to minutes, whatever it dropped). With ``channels_last`` (the CPU default) the graph is traced for, and given, channels-last input,
     as the eager runner does.
     """
 
@@ -44,7 +49,7 @@ class CompiledRunner:
         self.model = model
         self.layout = LayoutChoice(channels_last)
         self._lock = threading.Lock()
-        self._compiled: dict[tuple, tuple[Callable[..., tuple[Tensor, ...]], int]] = {}
+        self._compiled: OrderedDict[tuple, tuple[Callable[..., tuple[Tensor, ...]], int]] = OrderedDict()
         self.compile_seconds: dict[tuple, float] = {}
 
     @property
@@ -55,6 +60,10 @@ class CompiledRunner:
         key = (tuple(layers), tuple(images.shape[-2:]), images.dtype, images.device, bucket)
         found = self._compiled.get(key)  # no lock: a graph in use never waits for another one being traced
         if found is not None:
+            try:
+                self._compiled.move_to_end(key)
+            except KeyError:  # dropped by another thread meanwhile: this call still has it
+                pass
             return (*found, key, False)
         with self._lock:  # tracing (seconds) one graph at a time; Inductor compiles on the first call, unlocked
             found = self._compiled.get(key)
@@ -72,6 +81,10 @@ class CompiledRunner:
                 compiled = torch.compile(graph, dynamic=False)
             self._compiled[key] = (compiled, classes)
             self.compile_seconds[key] = time.perf_counter() - started
+            while len(self._compiled) > MAX_GRAPHS:
+                dropped, _ = self._compiled.popitem(last=False)
+                logger.warning("more than %d compiled graphs: dropped the least recently used (%d layers at %s, "
+                               "batches of %d)", MAX_GRAPHS, len(dropped[0]), dropped[1], dropped[4])
             return compiled, classes, key, True
 
     def run(self, images: Tensor, layers: Sequence[str], targets: object, kernels: TorchKernels) -> BackboneResult:

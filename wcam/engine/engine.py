@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
@@ -13,7 +14,7 @@ from torch import nn
 from wcam.engine.explanation import METHODS, Explanation
 from wcam.engine.layers import as_index, conv_layers, preset_layers, resolve_layers
 from wcam.engine.models import load_model
-from wcam.engine.preprocess import Preprocess
+from wcam.engine.preprocess import ImageError, Preprocess
 from wcam.engine.compiled_runner import CompiledRunner
 from wcam.engine.onnx_runner import OnnxRunner
 from wcam.engine.runner import BackboneResult, EagerRunner
@@ -40,8 +41,10 @@ class Engine:
     """Explains a CNN's decisions: one forward and one backward per batch, then batched CAM maths.
 
     ``layers`` defaults to every Conv2d (with the authors' presets for InceptionV3 and EfficientNet-B0).
-    The engine holds no per-call state, so one Engine may serve many threads at once. The model is used
-    in eval mode during each call and its flags are restored afterwards; its parameters are not touched.
+    One Engine may serve many threads at once, and several engines may share one model: what outlives a
+    call (the compiled graphs, the folded network, the layout found to work) is shared under locks. The model
+    is used in eval mode while any call on it is inside and its flags are restored after the last; its
+    parameters are not touched.
     ``device`` moves the model there (``model.to(device)``); by default the model's own device is used.
 
     ``backend`` runs the network: ``"eager"`` torch; ``"compiled"``, the joint forward + activation-gradient
@@ -182,8 +185,9 @@ class Engine:
     ) -> Explanation:
         """Explain a batch of images.
 
-        ``images``: a normalised float tensor ``B x 3 x H x W``, or PIL images / uint8 arrays that are
-        preprocessed with the model's transform. ``targets``: one class per image (an int for all), default
+        ``images``: a normalised float tensor ``B x 3 x H x W``, or PIL images / uint8 arrays that the
+        engine's ``preprocess`` resizes and normalises (by default to 224 x 224 with the ImageNet mean and std,
+        whatever the model; :meth:`from_name` sets the named model's own). ``targets``: one class per image (an int for all), default
         the argmax of the same forward pass. ``method``: ``"winsor"`` at percentile ``p``, ``"gradcam"`` (one
         layer, default the model's last Conv2d) or ``"layer_mean"`` (unweighted mean of all layer maps).
         ``layers`` overrides the engine's layer set for this call.
@@ -220,12 +224,15 @@ class Engine:
         layers: Sequence[str] | None = None,
         targets: Any = None,
     ) -> Iterator[Explanation]:
-        """Explain a stream of frames (uint8 ``H x W x 3`` arrays, uint8 ``3 x H x W`` tensors, PIL images or
-        normalised float tensors), yielding one single-image :class:`Explanation` per frame, in order.
+        """Explain a stream of frames (uint8 ``H x W x 3`` arrays, uint8 ``3 x H x W`` tensors, PIL images, or
+        normalised float ``3 x H x W`` / ``1 x 3 x H x W`` tensors of one size), yielding one single-image
+        :class:`Explanation` per frame, in order.
 
         Frames are explained ``batch_size`` at a time (equal-sized uint8 frames are stacked and resized as
-        one batch on the engine's device), so at most ``batch_size`` frames are held; an endless iterable
-        gives an endless stream. ``targets``: one class for every frame, or None for each frame's argmax.
+        one batch on the engine's device), so at most ``batch_size`` frames are held, and each yielded
+        explanation owns its tensors (keeping one does not keep its batch); an endless iterable gives an
+        endless stream. ``targets``: one class for every frame, or None for each frame's argmax. The
+        arguments are checked here, before the first frame is read.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -234,27 +241,43 @@ class Engine:
             if index is None:
                 raise TypeError(f"targets for a stream must be one int class (or None), got {type(targets).__name__}")
             targets = index
-        check_percentile(p)
-        pending: list[Any] = []
-        for frame in frames:
-            pending.append(frame)
-            if len(pending) == batch_size:
-                yield from self._explain_frames(pending, targets, p, method, layers)
-                pending = []
-        if pending:
-            yield from self._explain_frames(pending, targets, p, method, layers)
+        p = check_percentile(p)
+        names = self.layers_for(method, layers)
+        return self._stream(iter(frames), batch_size, targets, p, method, names)
 
-    def _explain_frames(
-        self, frames: list[Any], targets: Any, p: float, method: str, layers: Sequence[str] | None
+    def _stream(
+        self, frames: Iterator[Any], batch_size: int, targets: Any, p: float, method: str, layers: list[str]
     ) -> Iterator[Explanation]:
-        explanation = self.explain(_stack_frames(frames), targets=targets, p=p, method=method, layers=layers)
-        for i in range(len(explanation)):
-            yield explanation.image(i)
+        done = 0
+        while pending := list(itertools.islice(frames, batch_size)):
+            batch = _stack_frames(pending, done)
+            explanation = self.explain(batch, targets=targets, p=p, method=method, layers=layers)
+            for i in range(len(explanation)):
+                yield explanation.image(i, copy=True)
+            done += len(pending)
 
 
-def _stack_frames(frames: list[Any]) -> Any:
-    """Equal-sized uint8 ``H x W x 3`` numpy frames as one ``B x 3 x H x W`` tensor (resized in one call);
-    anything else as the list it is."""
+def _stack_frames(frames: list[Any], first_index: int) -> Any:
+    """Equal-sized uint8 ``H x W x 3`` numpy frames as one ``B x 3 x H x W`` tensor (resized in one call),
+    normalised float frames as one float batch; anything else as the list it is. ``first_index``: the stream
+    position of ``frames[0]``, for errors."""
+    floats = [isinstance(f, torch.Tensor) and f.dtype.is_floating_point for f in frames]
+    if any(floats):
+        if not all(floats):
+            odd = floats.index(not floats[0])
+            raise ImageError(
+                f"frame {first_index + odd} is {'a float tensor' if floats[odd] else type(frames[odd]).__name__}"
+                f" where frame {first_index} is {'a float tensor' if floats[0] else type(frames[0]).__name__}: a"
+                " stream's frames are either all normalised float tensors or all uint8 arrays, tensors or PIL images"
+            )
+        shaped = [f.unsqueeze(0) if f.dim() == 3 else f for f in frames]
+        for k, frame in enumerate(shaped):
+            if frame.dim() != 4 or frame.shape[0] != 1 or frame.shape != shaped[0].shape:
+                raise ImageError(
+                    f"frame {first_index + k}: a normalised float frame must be 3 x H x W (or 1 x 3 x H x W), all of"
+                    f" one size; got {tuple(frames[k].shape)} where frame {first_index} is {tuple(frames[0].shape)}"
+                )
+        return torch.cat(shaped)
     first = frames[0]
     if (
         isinstance(first, np.ndarray)
@@ -264,6 +287,4 @@ def _stack_frames(frames: list[Any]) -> Any:
         and all(isinstance(f, np.ndarray) and f.shape == first.shape and f.dtype == np.uint8 for f in frames)
     ):
         return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
-    if isinstance(first, torch.Tensor) and first.dtype.is_floating_point and first.dim() == 4:
-        return torch.cat(frames)
     return frames

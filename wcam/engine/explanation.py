@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from wcam.engine.layers import select_layers
+from wcam.engine.layers import as_index, select_layers
 from wcam.kernels import LayerMaps
 from wcam.kernels.dispatch import TorchKernels
 from wcam.kernels.transfer import to_device
@@ -120,27 +120,32 @@ class Explanation:
     def __len__(self) -> int:
         return self.heatmaps.shape[0]
 
-    def image(self, index: int) -> "Explanation":
-        """Image ``index`` alone, as a batch of one (views of this explanation's tensors, no copies)."""
+    def image(self, index: int, copy: bool = False) -> "Explanation":
+        """Image ``index`` alone, as a batch of one: views of this explanation's tensors, which keep the whole
+        batch's alive; with ``copy``, tensors of its own (what a caller that keeps it needs)."""
         i = range(len(self))[index]
+
+        def one(t: Tensor) -> Tensor:
+            return t[i : i + 1].clone() if copy else t[i : i + 1]
+
         maps = LayerMaps(
-            groups={size: (indices, m[i : i + 1]) for size, (indices, m) in self.layer_maps.groups.items()},
-            scores=self.layer_maps.scores[i : i + 1],
+            groups={size: (indices, one(m)) for size, (indices, m) in self.layer_maps.groups.items()},
+            scores=one(self.layer_maps.scores),
         )
         return Explanation(
-            heatmaps=self.heatmaps[i : i + 1],
-            sums=self.sums[i : i + 1],
-            logits=self.logits[i : i + 1],
-            targets=self.targets[i : i + 1],
+            heatmaps=one(self.heatmaps),
+            sums=one(self.sums),
+            logits=one(self.logits),
+            targets=one(self.targets),
             layer_names=self.layer_names,
-            layer_scores=self.layer_scores[i : i + 1],
-            layer_weights=self.layer_weights[i : i + 1],
+            layer_scores=one(self.layer_scores),
+            layer_weights=one(self.layer_weights),
             method=self.method,
             p=self.p,
             interpolation=self.interpolation,
             image_sizes=[self.image_sizes[i]],
             layer_maps=maps,
-            sums_at_layer_size=self.sums_at_layer_size[i : i + 1],
+            sums_at_layer_size=one(self.sums_at_layer_size),
             selected_layers=self.selected_layers,
             kernels=self.kernels,
         )
@@ -175,5 +180,13 @@ class Explanation:
     def heatmap(self, index: int, size: tuple[int, int] | None = None) -> Tensor:
         """Normalised heatmap of image ``index`` at ``size`` (default: the image's original size)."""
         i = range(len(self))[index]  # negative indices as for a list; out of range: IndexError
-        size = tuple(size) if size is not None else self.image_sizes[i]
+        size = self.image_sizes[i] if size is None else _output_size(size)
         return self.kernels.render(self.sums_at_layer_size[i : i + 1], size, self.interpolation)[0]
+
+
+def _output_size(size: object) -> tuple[int, int]:
+    """``(height, width)`` as two positive ints, or a ValueError that names what was given."""
+    values = [as_index(v) for v in size] if isinstance(size, (tuple, list)) else []
+    if len(values) != 2 or any(v is None or v <= 0 for v in values):
+        raise ValueError(f"size must be (height, width), two positive ints, got {size!r}")
+    return values[0], values[1]

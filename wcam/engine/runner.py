@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -41,7 +42,10 @@ def check_targets(targets: object, batch: int, classes: int) -> Tensor | None:
     (the argmax of the same forward pass)."""
     if targets is None:
         return None
-    values = torch.as_tensor(targets, device="cpu")
+    try:
+        values = torch.as_tensor(targets, device="cpu")
+    except (TypeError, ValueError, RuntimeError) as error:  # a str, a None in a list, ragged lists
+        raise TargetError(f"targets must be an int or one int per image, got {targets!r:.80}") from error
     if values.dim() > 1:
         raise TargetError(f"targets must be an int or one int per image, got shape {tuple(values.shape)}")
     if values.numel() != batch and values.dim() == 1:
@@ -72,14 +76,28 @@ def check_logits(logits: Tensor) -> None:
 class EvalGuard:
     """Holds a shared model in eval mode while any call is inside; restores every module's flag after the last.
 
-    Reference-counted under a lock so that concurrent calls on one model never flip it back mid-forward. A
+    Reference-counted under a lock so that concurrent calls on one model never flip it back mid-forward; one
+    guard per model (:meth:`of`), so that two engines on one model (a Winsor-CAM and a Grad-CAM one, or eager
+    and compiled) count each other's calls too. A
     model already in eval mode throughout (a server's) is only looked at: one pass over its modules, where
     ``eval()`` and the restore would cost 0.5 ms per call on EfficientNet-Lite0's 185 modules; so a model
     whose ``train()`` override does more than set the flags gets no ``eval()`` call when they are all False.
     """
 
+    _guards: "weakref.WeakKeyDictionary[nn.Module, EvalGuard]" = weakref.WeakKeyDictionary()
+    _guards_lock = threading.Lock()
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "EvalGuard":
+        """The guard of ``model``: the same object for every caller while the model lives."""
+        with cls._guards_lock:
+            guard = cls._guards.get(model)
+            if guard is None:
+                guard = cls._guards[model] = cls(model)
+            return guard
+
     def __init__(self, model: nn.Module) -> None:
-        self._model = model
+        self._model = weakref.ref(model)  # the registry's value must not keep its key alive
         self._lock = threading.Lock()
         self._depth = 0
         self._saved: list[tuple[nn.Module, bool]] = []  # empty while no module was in training mode
@@ -88,10 +106,13 @@ class EvalGuard:
     def __call__(self) -> Iterator[None]:
         with self._lock:
             if self._depth == 0:
-                saved = [(m, m.training) for m in self._model.modules()]
+                model = self._model()
+                if model is None:  # a caller holds its model while inside: cannot happen through Engine
+                    raise RuntimeError("the model of this eval-mode guard no longer exists")
+                saved = [(m, m.training) for m in model.modules()]
                 if any(flag for _, flag in saved):
                     self._saved = saved
-                    self._model.eval()
+                    model.eval()
             self._depth += 1
         try:
             yield
@@ -160,7 +181,7 @@ class EagerRunner:
     def __init__(self, model: nn.Module, channels_last: bool = False, fold_batch_norms: bool = False) -> None:
         self.model = model
         self.folding = BatchNormFolding() if fold_batch_norms else None
-        self._eval = EvalGuard(model)
+        self._eval = EvalGuard.of(model)
         self._lock = threading.Lock()
         self._copied: frozenset[str] = frozenset()
         self.layout = LayoutChoice(channels_last)

@@ -137,7 +137,7 @@ def _batches(samples: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]
 
 def _predict(engine: Engine, images: Tensor) -> Tensor:
     """The model's logits for a batch (no gradients, eval mode, flags restored)."""
-    with EvalGuard(engine.model)(), torch.no_grad():
+    with EvalGuard.of(engine.model)(), torch.no_grad():
         return engine.model(images)
 
 

@@ -73,7 +73,7 @@ def trace_joint(
     """
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     copied: frozenset[str] = frozenset()
-    with EvalGuard(model)():
+    with EvalGuard.of(model)():
         for _ in range(2):
             mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
             batch_only = [DimDynamic.DYNAMIC, DimDynamic.STATIC, DimDynamic.STATIC, DimDynamic.STATIC]
