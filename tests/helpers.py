@@ -42,7 +42,10 @@ def hook_counts(model: nn.Module) -> dict[tuple[str, str], int]:
 
 
 def max_diff(a: torch.Tensor, b) -> float:
+    """Largest absolute difference of two equally shaped arrays (no broadcasting: a 1 x H x W result is not
+    compared with a B x H x W reference)."""
     b = b if isinstance(b, torch.Tensor) else torch.from_numpy(np.asarray(b))
+    assert a.shape == b.shape, f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
     return float((a.double() - b.double()).abs().max())
 
 

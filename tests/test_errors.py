@@ -450,6 +450,22 @@ def test_model_producing_nan_logits(targets):
         Engine(model).explain(images(2), targets=targets)
 
 
+class InfiniteGradient(TinyNet):
+    """Adds ``sqrt(0 * y)`` to conv2's output ``y``: finite logits, but sqrt's derivative at 0 is infinite and
+    times 0 gives NaN gradients at conv2, and at conv1 through it, for every image."""
+
+    def features(self, x):
+        y = self.conv2(self.conv1(x).relu())
+        return (y.relu() + (y * 0).sqrt()).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_nan_gradients_are_refused_naming_the_layer(kernels):
+    model = InfiniteGradient()
+    with HookWatch(model), pytest.raises(FloatingPointError, match="NaN or Inf gradients at layer 'conv1' for image 0"):
+        Engine(model, kernels=kernels).explain(images(2))
+
+
 class Raising(TinyNet):
     def forward(self, x):
         self.conv1(x)

@@ -14,8 +14,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference import nearest_matrix
+from skimage.filters import threshold_otsu
 
+from wcam import Engine
 from wcam.cli import main
+from wcam.engine.models import load_model
 from wcam.metrics import deletion_auc, insertion_auc
 from wcam.eval import (
     VOC_CLASSES,
@@ -270,7 +274,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_eval_voc_with_a_fine_tuned_20_class_head(voc, tmp_path, capsys):
-    from wcam.engine.models import load_model
 
     torch.manual_seed(0)
     model = load_model("resnet18", weights=None).model
@@ -293,6 +296,23 @@ def test_eval_voc_with_a_fine_tuned_20_class_head(voc, tmp_path, capsys):
     header = printed.splitlines()[1].split()
     assert header == ["metric", "winsor", "p=90", "gradcam", "layer4.1.conv2", "gradcam", "layer4", "layer_mean", "random"]
     assert "2 images x 5 methods" in printed
+    # the Winsor-CAM rows recomputed by the spec's protocol, independently of wcam's metrics: the heatmap of the
+    # labelled class at the network input size, the mask resized by nearest (tests/reference.py), skimage's Otsu
+    # (P = map > t), numpy's IoU and centres of mass; the CSV holds 6 significant digits
+    engine = Engine(model.eval(), preprocess=load_model("resnet18", weights=None).preprocess)  # the saved weights
+    for sample, row in zip(voc2012(voc).samples[:2], rows[:: len(methods)]):
+        image, mask = sample.load()
+        heatmap = engine.explain([image], targets=[sample.label], p=90.0).heatmaps[0].double().numpy()
+        (h, w), (height, width) = mask.shape, heatmap.shape
+        truth = nearest_matrix(h, height) @ mask.astype(np.float64) @ nearest_matrix(w, width).T > 0.5
+        found = heatmap > threshold_otsu(heatmap, nbins=256)
+        iou = (found & truth).sum() / (found | truth).sum()
+        rows_, cols_ = np.mgrid[:height, :width]
+        centre = np.array([(heatmap * rows_).sum(), (heatmap * cols_).sum()]) / heatmap.sum()
+        distance = np.hypot(*(centre - np.array([rows_[truth].mean(), cols_[truth].mean()])))
+        assert float(row["iou_otsu"]) == pytest.approx(iou, rel=1e-5, abs=1e-9), sample.name
+        assert float(row["com_px"]) == pytest.approx(distance, rel=1e-5), sample.name
+        assert float(row["com_diag"]) == pytest.approx(distance / np.hypot(height, width), rel=1e-5), sample.name
 
 
 def test_eval_voc_labels_need_a_20_class_model(voc, tmp_path, capsys):

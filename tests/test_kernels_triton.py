@@ -6,9 +6,12 @@ Shapes are small but awkward: non-power-of-two sizes and channel counts (so ever
 - fp64 inputs accumulate in fp64: 1e-12 against the float64 reference (summation order only).
 - fp32, fp16 and bf16 inputs accumulate in fp32, and the reference sees the same rounded input values
   (upcast), so the storage dtype adds no error of its own: what remains is fp32 summation over a reduction
-  of n = C * h * w terms (channel weights, then the channel sum), ~n * 2^-24 relative to the values summed
-  in the worst case. Maps are then min-max normalised, which divides by the spread (O(1) for these random
-  inputs), so the bound used is ``n * 2^-24 * 8`` (8x margin), about 1e-4 at the largest n here.
+  of n = C * h * w terms (channel weights, then the channel sum): ~n * 2^-24 relative to the values summed
+  in the worst case, ~sqrt(n) * 2^-24 for rounding errors of random sign (these inputs, and real layers).
+  Maps are then min-max normalised, which divides by the spread (O(1) for these random inputs), so the bound
+  used is ``8 * sqrt(n) * 2^-24``: 3.2e-5 at the largest n here, against 2.4e-7 measured, and tight enough to
+  catch a channel sum accumulated in fp16 (1.2e-3 on the ``single`` set). Scores (one mean per channel,
+  then one over channels, accumulated in fp32): 1e-6 against the reference (measured 3.9e-8).
 - Resampling and the weighted sum are a few fp32 operations per pixel per layer: 1e-5 for fp32 maps.
 - The quantile and weights run in fp64 in the kernel: 1e-12 on fp64 scores, one fp32 rounding (1e-6) on
   fp32 scores.
@@ -71,7 +74,7 @@ def _reference_layer(a: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def _map_tolerance(dtype: torch.dtype, c: int, h: int, w: int) -> float:
-    return 1e-12 if dtype == torch.float64 else c * h * w * 2.0**-24 * 8
+    return 1e-12 if dtype == torch.float64 else 8 * (c * h * w) ** 0.5 * 2.0**-24
 
 
 def _maps_by_layer(maps) -> dict[int, torch.Tensor]:
@@ -91,7 +94,7 @@ def test_layer_maps_match_reference_and_torch_path(layer_set, dtype):
         for b in range(a.shape[0]):
             ref_map, ref_score = _reference_layer(a[b].double().numpy(), g[b].double().numpy())
             np.testing.assert_allclose(maps[layer][b].double().numpy(), ref_map, rtol=0, atol=tol)
-            assert abs(float(got.scores[b, layer]) - ref_score) <= tol
+            assert abs(float(got.scores[b, layer]) - ref_score) <= (1e-12 if dtype == torch.float64 else 1e-6)
         torch.testing.assert_close(maps[layer], path_maps[layer], rtol=0, atol=tol)
     torch.testing.assert_close(got.scores, torch_path.scores, rtol=0, atol=1e-6)
 

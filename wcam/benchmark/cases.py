@@ -64,6 +64,8 @@ def photos(batch: int, engine: Engine) -> Tensor:
 
 
 def _max_diff(a: Tensor, b: Tensor) -> float:
+    if a.shape != b.shape:  # never compare by broadcasting
+        raise BenchError(f"heatmaps of shape {tuple(a.shape)} compared with {tuple(b.shape)}")
     return (a.detach().float().cpu() - b.detach().float().cpu()).abs().max().item()
 
 
