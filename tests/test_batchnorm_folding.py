@@ -54,6 +54,15 @@ def resnet64(seeded_models) -> nn.Module:
     return randomise_batch_norms(copy.deepcopy(seeded_models("resnet18")).double(), seed=1)
 
 
+def explained_copy(resnet64: nn.Module, batch: int, seed: int) -> tuple[nn.Module, Engine, torch.Tensor]:
+    """A copy of the model, a folding engine on it that has explained ``images(batch, seed)`` once, and those."""
+    model = copy.deepcopy(resnet64)
+    engine = Engine(model, fold_batch_norms=True)
+    x = images(batch, seed=seed)
+    engine.explain(x)
+    return model, engine, x
+
+
 def folded_count(engine: Engine) -> int:
     network = engine._runner.folding._network
     return 0 if network is None else network.folded
@@ -182,10 +191,7 @@ def test_a_conv_with_a_hook_of_its_own_is_not_folded_and_the_hook_sees_its_outpu
 
 
 def test_a_changed_model_is_folded_again(resnet64):
-    model = copy.deepcopy(resnet64)
-    engine = Engine(model, fold_batch_norms=True)
-    x = images(2, seed=11)
-    engine.explain(x)
+    model, engine, x = explained_copy(resnet64, 2, seed=11)
     first = engine._runner.folding._network
     with torch.no_grad():  # in place, as an optimiser step or load_state_dict would
         model.layer2[0].bn1.running_var.mul_(3.0)
@@ -202,10 +208,7 @@ def test_a_changed_model_is_folded_again(resnet64):
 
 
 def test_a_hook_put_later_on_a_traced_through_block_fires(resnet64):
-    model = copy.deepcopy(resnet64)
-    engine = Engine(model, fold_batch_norms=True)
-    x = images(1, seed=12)
-    engine.explain(x)
+    model, engine, x = explained_copy(resnet64, 1, seed=12)
     calls = []
     handles = [model.layer1[0].register_forward_hook(lambda m, i, out: calls.append("block")),
                model.layer2[0].bn1.register_forward_hook(lambda m, i, out: calls.append("bn"))]
@@ -317,10 +320,7 @@ def test_other_threads_run_their_models_while_a_fold_traces(resnet64):
 
 
 def test_another_calls_capture_hooks_do_not_make_the_model_look_changed(resnet64):
-    model = copy.deepcopy(resnet64)
-    engine = Engine(model, fold_batch_norms=True)
-    x = images(1, seed=23)
-    engine.explain(x)
+    model, engine, _ = explained_copy(resnet64, 1, seed=23)
     network = engine._runner.folding.current
     # what a concurrent explain(layers=["layer4"]) in another thread holds on the model: a hook on a
     # traced-through block
