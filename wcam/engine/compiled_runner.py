@@ -41,8 +41,8 @@ class CompiledRunner:
     graph is traced in eval mode and holds the parameters as they are: build a new engine after changing the
     model. At most :data:`MAX_GRAPHS` graphs are kept, the least recently used dropped first (logged): a server
     that lets requests choose layers or input sizes would otherwise keep every graph it ever compiled (and
-    compiles again, for seconds to minutes, whatever it dropped). With ``channels_last`` (the CPU default) the graph is traced for, and given, channels-last input,
-    as the eager runner does.
+    compiles again, for seconds to minutes, whatever it dropped). With ``channels_last`` (the CPU default)
+    the graph is traced for, and given, channels-last input, as the eager runner does.
     """
 
     def __init__(self, model: nn.Module, channels_last: bool = False) -> None:

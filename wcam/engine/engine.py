@@ -186,9 +186,9 @@ class Engine:
         """Explain a batch of images.
 
         ``images``: a normalised float tensor ``B x 3 x H x W``, or PIL images / uint8 arrays that the
-        engine's ``preprocess`` resizes and normalises (by default to 224 x 224 with the ImageNet mean and std,
-        whatever the model; :meth:`from_name` sets the named model's own). ``targets``: one class per image (an int for all), default
-        the argmax of the same forward pass. ``method``: ``"winsor"`` at percentile ``p``, ``"gradcam"`` (one
+        engine's ``preprocess`` resizes and normalises (by default to 224 x 224 with the ImageNet mean and
+        std, whatever the model; :meth:`from_name` sets the named model's own). ``targets``: one class per
+        image (an int for all), default the argmax of the same forward pass. ``method``: ``"winsor"`` at percentile ``p``, ``"gradcam"`` (one
         layer, default the model's last Conv2d) or ``"layer_mean"`` (unweighted mean of all layer maps).
         ``layers`` overrides the engine's layer set for this call.
         """

@@ -138,7 +138,7 @@ class Explanation:
             logits=one(self.logits),
             targets=one(self.targets),
             layer_names=self.layer_names,
-            layer_scores=one(self.layer_scores),
+            layer_scores=maps.scores,  # one tensor, as in build()
             layer_weights=one(self.layer_weights),
             method=self.method,
             p=self.p,

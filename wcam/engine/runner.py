@@ -78,10 +78,10 @@ class EvalGuard:
 
     Reference-counted under a lock so that concurrent calls on one model never flip it back mid-forward; one
     guard per model (:meth:`of`), so that two engines on one model (a Winsor-CAM and a Grad-CAM one, or eager
-    and compiled) count each other's calls too. A
-    model already in eval mode throughout (a server's) is only looked at: one pass over its modules, where
-    ``eval()`` and the restore would cost 0.5 ms per call on EfficientNet-Lite0's 185 modules; so a model
-    whose ``train()`` override does more than set the flags gets no ``eval()`` call when they are all False.
+    and compiled) count each other's calls too. A model already in eval mode throughout (a server's) is only
+    looked at: one pass over its modules, where ``eval()`` and the restore would cost 0.5 ms per call on
+    EfficientNet-Lite0's 185 modules; so a model whose ``train()`` override does more than set the flags gets
+    no ``eval()`` call when they are all False.
     """
 
     _guards: "weakref.WeakKeyDictionary[nn.Module, EvalGuard]" = weakref.WeakKeyDictionary()
