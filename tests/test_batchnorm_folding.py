@@ -336,3 +336,21 @@ def test_another_calls_capture_hooks_do_not_make_the_model_look_changed(resnet64
         assert not network.matches(model)
     finally:
         handle.remove()
+
+
+def test_a_folding_that_failed_its_check_is_tried_again_once_the_model_changes(resnet64, caplog):
+    model = copy.deepcopy(resnet64)
+    with torch.no_grad():
+        model.bn1.running_var.fill_(float("nan"))  # NaN logits: the folding's check fails, and so does the call
+    engine = Engine(model, fold_batch_norms=True)
+    x = images(1, seed=24)
+    with caplog.at_level(logging.INFO, logger="wcam.engine.batchnorm_folding"):
+        for _ in range(2):  # the second call neither traces nor checks again: the model is as it was
+            with pytest.raises(FloatingPointError, match="NaN or Inf logits"):
+                engine.explain(x)
+    assert caplog.text.count("batch norms not folded: the traced model's logits differ by nan") == 1
+    with torch.no_grad():
+        model.bn1.running_var.fill_(1.0)  # mended in place: folded now
+    got = engine.explain(x)
+    assert folded_count(engine) == 20
+    assert max_diff(got.heatmaps, Engine(copy.deepcopy(model)).explain(x).heatmaps) <= 1e-9

@@ -221,11 +221,13 @@ def _out_of_place_users(network: fx.GraphModule, node: fx.Node) -> None:
 class BatchNormFolding:
     """The folded network of one model for a runner: folded on first use, checked against the model's logits
     once, and folded again whenever it no longer :meth:`~FoldedNetwork.matches` the model. A model that
-    cannot be traced, or whose folded logits differ, runs unfolded (logged once)."""
+    cannot be traced runs unfolded for good; one whose trace has nothing to fold, or fails the check, runs
+    unfolded until it changes, and is then traced and checked again (each logged)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._network: FoldedNetwork | None = None
+        self._rejected: FoldedNetwork | None = None  # the latest trace that was not used, while it matches
         self._failed = False
 
     @property
@@ -238,17 +240,16 @@ class BatchNormFolding:
     ) -> tuple[nn.Module, list[Affine | None]] | None:
         """The folded network and the per-layer foldings for a call explaining ``layers``, or None to run
         the model itself. ``example``: an input (one image is enough) to check a new folding on."""
-        if self._failed:
-            return None
         network = self._network
         if network is None or not network.matches(model):
             with self._lock:
                 network = self._network
                 if network is None or not network.matches(model):
-                    network = self._fold(model, layers, example)
+                    if self._failed or (self._rejected is not None and self._rejected.matches(model)):
+                        return None
+                    self._network = network = self._fold(model, layers, example)
                     if network is None:
                         return None
-                    self._network = network
         affines = network.layer_affines(layers)
         return None if affines is None else (network.module, affines)
 
@@ -256,23 +257,26 @@ class BatchNormFolding:
         try:
             network = fold_batch_norms(model, layers)
         except Exception as failure:  # noqa: BLE001 - any tracing failure means: run the model as it is
-            return self._give_up(f"the model cannot be traced ({failure})")
+            self._failed = True
+            logger.info("batch norms not folded: the model cannot be traced (%s)", failure)
+            return None
         if not network.folded:
-            return self._give_up("the model has no convolution that feeds a batch norm alone")
+            return self._reject(network, "the model has no convolution that feeds a batch norm alone")
         expected = _response(model, example)  # an error here is the model's own (or the input's): raised
         try:
             got = _response(network.module, example)
         except Exception as failure:  # noqa: BLE001 - e.g. a model that returns no tensor
-            return self._give_up(f"the traced model fails ({failure})")
+            return self._reject(network, f"the traced model fails ({failure})")
         problem = _difference(expected, got)
         if problem:  # e.g. fx does not record torch.no_grad() blocks, nor data-dependent branches it took
-            return self._give_up(f"the traced model's {problem}", logging.WARNING)
+            return self._reject(network, f"the traced model's {problem}", logging.WARNING)
+        self._rejected = None
         logger.info("folded %d batch norms into their convolutions", network.folded)
         return network
 
-    def _give_up(self, why: str, level: int = logging.INFO) -> None:
-        logger.log(level, "batch norms not folded: %s", why)
-        self._failed = True
+    def _reject(self, network: FoldedNetwork, why: str, level: int = logging.INFO) -> None:
+        logger.log(level, "batch norms not folded: %s (until the model changes)", why)
+        self._rejected = network
         return None
 
 

@@ -68,7 +68,7 @@ class Engine:
     unfolded. The copy shares all other modules, is checked once against the model (logits and input
     gradients) and is re-folded whenever the model's weights or modules change (writes through ``.data``
     bypass torch's version counters and are not seen: build a new engine after those); a model that cannot be
-    traced, or whose trace differs, runs as it is (logged).
+    traced runs as it is (logged), and one whose trace differs runs as it is until it changes.
     """
 
     def __init__(
