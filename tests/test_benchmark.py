@@ -14,7 +14,7 @@ from helpers import hook_counts
 from wcam import Engine
 from wcam.benchmark.cases import BenchError, _check_heatmaps, photos
 from wcam.benchmark.peers import PEERS
-from wcam.benchmark.report import Row, targets
+from wcam.benchmark.report import Row, target_lines, targets
 from wcam.benchmark.timing import Summary, interleaved
 from wcam.cli import main
 
@@ -173,6 +173,18 @@ def test_targets_are_medians_of_per_round_ratios():
         row("grad-cam GradCAM, all conv layers", "peer", [3.0, 3.0, 9.0]),
         row("torchcam GradCAM, last conv", "peer", [0.5, 3.0, 3.0]),
     ]
-    got = {t["target"].split(" (")[0]: t["value"] for t in targets(found)}
+    found_targets = {t["target"].split(" (")[0]: t for t in targets(found)}
+    got = {name: t["value"] for name, t in found_targets.items()}
     assert got["grad-cam all layers"] == pytest.approx(2.25)  # rounds 3, 1.5, 2.25; medians' ratio 1.5
     assert got["wcam gradcam / fastest peer"] == pytest.approx(4 / 3)  # rounds 2, 2/3, 4/3; medians' 2/3
+    # the rounds' interquartile range (inclusive quartiles of 3 values: the midpoints), and whether the
+    # threshold lies inside it: 2 is inside [1.875, 2.625], 1 inside [1.0, 1.667]; 1.10 is not in [2, 3]
+    gradcam = found_targets["wcam gradcam / fastest peer"]
+    assert gradcam["spread"] == pytest.approx([1.0, 5 / 3]) and gradcam["within_noise"] and gradcam["met"] is False
+    assert found_targets["grad-cam all layers"]["spread"] == pytest.approx([1.875, 2.625])
+    assert found_targets["grad-cam all layers"]["within_noise"] and found_targets["grad-cam all layers"]["met"]
+    eager = found_targets["wcam winsor"]
+    assert eager["spread"] == pytest.approx([1.5, 3.0]) and not eager["within_noise"] and eager["met"] is False
+    assert found_targets["with_p ms/image < 1"]["spread"] is None
+    printed = target_lines(targets(found))
+    assert "| 1.33 [1.00, 1.67] | no, within the rounds' spread |" in printed

@@ -72,7 +72,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from wcam.benchmark.cases import BenchError, ModelBench
     from wcam.benchmark.peers import PEERS
-    from wcam.benchmark.report import as_json, rows, table, targets
+    from wcam.benchmark.report import as_json, rows, table, target_lines, targets
     from wcam.benchmark.timing import interleaved
 
     cli._check_writable(args.json)  # before minutes of work, not after
@@ -103,9 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             progress.close()
     met = targets(found, target_batch(args.batches))
     if met:
-        print("| model | batch | target | value | met |\n| --- | --- | --- | --- | --- |")
-        for t in met:
-            print(f"| {t['model']} | {t['batch']} | {t['target']} | {t['value']:.2f} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |")
+        print(target_lines(met))
     for note in dict.fromkeys(notes):
         print(f"- {note}")
     settings = {k: v for k, v in vars(args).items() if k in ("models", "batches", "rounds", "warmup", "size")}

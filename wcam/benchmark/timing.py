@@ -54,17 +54,26 @@ def interleaved(
     return times
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) == 1:
+        return values[0], values[0]
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, high
+
+
 @dataclass(frozen=True)
 class Summary:
-    """Median seconds per call, its interquartile range, and the median of per-round ratios to a reference."""
+    """Median seconds per call and its interquartile range; the median of per-round ratios to a reference and
+    their interquartile range (how far the rounds disagree on the ratio)."""
 
     median: float
     q1: float
     q3: float
     ratio: float
+    ratio_q1: float
+    ratio_q3: float
 
     @classmethod
     def of(cls, times: list[float], reference: list[float]) -> "Summary":
-        quartiles = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
         ratios = [t / r for t, r in zip(times, reference)]
-        return cls(statistics.median(times), quartiles[0], quartiles[2], statistics.median(ratios))
+        return cls(statistics.median(times), *_quartiles(times), statistics.median(ratios), *_quartiles(ratios))
