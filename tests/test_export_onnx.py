@@ -14,6 +14,8 @@ the two at 2e-4. One exported file serves batches 1, 3 and 8 (dynamic batch axis
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -121,11 +123,15 @@ def test_second_start_reuses_the_cached_graph(lite0, lite0_cache, monkeypatch, p
 
 
 def test_full_graph_matches_engine_with_p_at_run_time(seeded_models, tmp_path):
+    """On a model as torchvision builds it (training mode, parameters requiring grad), which the export
+    leaves as it was."""
     shape = (64, 80)
-    eager = Engine(seeded_models("resnet18"), preprocess=Preprocess(size=shape))
+    model = copy.deepcopy(seeded_models("resnet18")).train().requires_grad_(True)
+    eager = Engine(model, preprocess=Preprocess(size=shape))
     path = tmp_path / "full.onnx"
     export_onnx(eager, path, graph="full")
     assert read_info(path).graph == "full"
+    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = _batch(3, shape)
     targets = np.array([-1, 7, -1], dtype=np.int64)

@@ -195,7 +195,8 @@ class ModelBench:
                 raise BenchError(f"{peer.label}: differs from wcam's gradcam by {diff:.3g} (> {PEER_GRADCAM})")
             entries.append(Entry(peer.label, "peer", run, f"vs wcam {peer.same_as} {diff:.1e}"))
         if missing:
-            note = f"not installed, not timed: {', '.join(dict.fromkeys(missing))} (pip install 'wcam[bench]')"
+            note = (f"not installed, not timed: {', '.join(dict.fromkeys(missing))} "
+                    "(pip install -e '.[bench]' in wcam's clone)")
             logger.warning(note)
             return Case(self.name, batch, entries, [note])
         return Case(self.name, batch, entries)

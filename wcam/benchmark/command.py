@@ -27,7 +27,7 @@ def add_bench(commands: argparse._SubParsersAction, parents: list[argparse.Argum
         description="Time, side by side and interleaved round by round after warm-up: the floor (bare forward + "
         "gradients w.r.t. the hooked conv outputs), wcam's Winsor-CAM on each backend, wcam's single-layer "
         "Grad-CAM, re-weighting for a new p, and the peers (pytorch-grad-cam, torchcam, captum: "
-        "pip install 'wcam[bench]'). Every entry's output is checked first. Inputs: packaged photos at the "
+        "pip install -e '.[bench]'). Every entry's output is checked first. Inputs: packaged photos at the "
         "model's size; efficientnet_lite0 with its packaged weights, the others with random weights (the time "
         "does not depend on the values; nothing is downloaded).",
     )

@@ -34,7 +34,9 @@ def require(module: str) -> object:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"{module} is not installed; the ONNX features need: pip install 'wcam[onnx]'") from None
+        raise ImportError(
+            f"{module} is not installed; the ONNX features need the onnx extra: pip install -e '.[onnx]' in wcam's clone"
+        ) from None
 
 
 class OnnxFormatError(ValueError):
@@ -177,10 +179,13 @@ def export_onnx(
         inputs, shapes = ["images", "targets", "p"], ({0: batch}, {0: batch}, None)
         outputs = ["logits", "targets_used", "heatmaps", "layer_weights"]
     try:
-        program = torch.onnx.export(
-            module.eval(), args, dynamo=True, input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
-            opset_version=opset, optimize=optimize, verbose=False,
-        )
+        # no_grad: the joint graph holds its own backward; a model's trainable parameters must not make the
+        # exporter record a second one (the full graph's resampling has no autograd formula)
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module.eval(), args, dynamo=True, input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
+                opset_version=opset, optimize=optimize, verbose=False,
+            )
     except Exception as exc:  # the exporter's own errors: an aten op with no ONNX translation, typically
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedOpError("the graph", f"the ONNX exporter failed: {first}") from exc

@@ -148,7 +148,7 @@ def select_kernels(choice: str | None, device: torch.device) -> TorchKernels:
     if choice == "torch":
         return TorchKernels()
     if not has_triton:
-        raise RuntimeError("kernels='triton' needs Triton: pip install 'wcam[triton]'")
+        raise RuntimeError("kernels='triton' needs Triton: pip install -e '.[triton]' in wcam's clone")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"the Triton kernels run on CUDA tensors, or on the CPU under TRITON_INTERPRET=1 (set before Triton "
