@@ -513,6 +513,25 @@ def test_layer_with_non_4d_output_is_named(tiny):
     assert "'fc'" in str(info.value) and "4-D" in str(info.value) and "(2, 5)" in str(info.value)
 
 
+def test_weights_that_cannot_be_downloaded_are_named(monkeypatch, capsys):
+    import urllib.error
+
+    import torchvision.models._api
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(wcam.WeightsDownloadError, match=r"cannot download the ResNet18_Weights.IMAGENET1K_V1 "
+                       r"weights of resnet18 \(\[Errno -2\] Name or service not known\).*'none' for random"):
+        load_model("resnet18")
+    from wcam.cli import main
+
+    assert main(["explain", "--demo", "--model", "resnet18"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot download the ResNet18_Weights.IMAGENET1K_V1 weights" in err
+
+
 def test_errors_are_exported_at_the_top_level():
     assert wcam.ImageError is ImageError and wcam.TargetError is TargetError
     for error in (ImageError, TargetError, UnknownLayerError, UnknownModelError, UnknownWeightsError, WeightsFileError):

@@ -10,6 +10,7 @@ from wcam.engine import (
     UnknownLayerError,
     UnknownModelError,
     UnknownWeightsError,
+    WeightsDownloadError,
     WeightsFileError,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "UnknownLayerError",
     "UnknownModelError",
     "UnknownWeightsError",
+    "WeightsDownloadError",
     "WeightsFileError",
     "__version__",
     "tune_malloc",

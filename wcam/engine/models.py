@@ -24,6 +24,10 @@ class UnknownWeightsError(ValueError):
     """Weights that are neither a known name for the model nor an existing file."""
 
 
+class WeightsDownloadError(OSError):
+    """Pretrained weights that torchvision could not download (no network, a proxy, a cache it cannot write)."""
+
+
 class WeightsFileError(ValueError):
     """A weights file that torch cannot read, that holds no state dict, holds NaN/Inf or does not fit the model."""
 
@@ -103,7 +107,15 @@ def _torchvision(name: str, size: int) -> Callable[[str | None], NamedModel]:
                     f"unknown weights {weights!r} for {name}: not a file, and not one of {known}"
                 ) from None
         kwargs = {"aux_logits": True, "init_weights": True} if name == "inception_v3" and tv_weights is None else {}
-        model = torchvision.models.get_model(name, weights=tv_weights, **kwargs)
+        try:
+            model = torchvision.models.get_model(name, weights=tv_weights, **kwargs)
+        except OSError as exc:  # urllib's URLError, socket errors, a cache folder it cannot write
+            file_name = tv_weights.url.rsplit("/", 1)[-1]
+            raise WeightsDownloadError(
+                f"cannot download the {tv_weights} weights of {name} ({getattr(exc, 'reason', None) or exc}): "
+                f"give a state-dict file instead, or 'none' for random weights, or put {file_name} in "
+                f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}"
+            ) from exc
         if file is not None:
             pretrained_conventions(model)
             load_state_dict_file(model, file, name)
