@@ -289,6 +289,55 @@ def test_cli_truncated_input_leaves_a_playable_prefix(tmp_path, capsys):
     assert len(decode(tmp_path / "out.mp4")[0]) == readable
 
 
+def test_cli_truncated_matroska_is_named_by_its_declared_duration(tmp_path, capsys):
+    """Matroska declares no frame count, but its header's duration survives a cut: 40 frames at 12 frames/s."""
+    make_video(tmp_path / "whole.mkv", count=40)
+    decoder = Decoder(str(tmp_path / "whole.mkv"))
+    assert decoder.declared_frames == 0 and decoder.declared_seconds == pytest.approx(40 / FPS, abs=0.01)
+    decoder.close()
+    data = (tmp_path / "whole.mkv").read_bytes()
+    (tmp_path / "cut.mkv").write_bytes(data[: len(data) // 2])
+    with av.open(str(tmp_path / "cut.mkv")) as container:
+        readable = sum(1 for _ in container.decode(video=0))
+    assert 0 < readable < 40
+    code = main(["video", str(tmp_path / "cut.mkv"), "-o", str(tmp_path / "out.mp4"), "--model", "resnet18",
+                 "--weights", "none", "--batch", "4"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"the input ended at frame {readable}, where its duration (3.33 s at 12 frames/s) holds about 40" in err
+    assert len(decode(tmp_path / "out.mp4")[0]) == readable
+
+
+def test_cli_input_with_no_decodable_frame_writes_nothing(tmp_path, capsys):
+    make_video(tmp_path / "whole.mkv", count=40)
+    data = (tmp_path / "whole.mkv").read_bytes()
+    (tmp_path / "head.mkv").write_bytes(data[: len(data) // 5])  # the header and no whole frame
+    code = main(["video", str(tmp_path / "head.mkv"), "-o", str(tmp_path / "out.mp4"), "--model", "resnet18",
+                 "--weights", "none"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.endswith("nothing was written") and not (tmp_path / "out.mp4").exists()
+
+
+@pytest.mark.parametrize(
+    ("decoded", "declared", "seconds", "rate", "message"),
+    [
+        (30, 30, None, 25.0, None),
+        (19, 50, None, 25.0, "the input ended at frame 19 of the 50 it declares (truncated?)"),
+        (48, 0, 2.0, 25.0, None),  # 2 frames short of 50: within rounding
+        (42, 0, 2.0, 25.0, "the input ended at frame 42, where its duration (2.00 s at 25 frames/s) holds about 50"),
+        (985, 0, 40.0, 25.0, None),  # 15 short of 1000: within 2% (a variable frame rate)
+        (900, 0, 40.0, 25.0, "holds about 1000"),
+        (10, 0, None, 25.0, None),  # nothing declared (MPEG-TS, a stream): nothing to say
+    ],
+)
+def test_missing_frames_are_judged_against_what_the_input_declares(decoded, declared, seconds, rate, message):
+    from wcam.video.pipeline import _missing_frames
+
+    said = _missing_frames(decoded, declared, seconds, rate)
+    assert said is None if message is None else message in said
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
@@ -296,6 +345,7 @@ def test_cli_truncated_input_leaves_a_playable_prefix(tmp_path, capsys):
         (["video", "{text}", "-o", "out.mp4", "--model", "resnet18", "--weights", "none"], 1, "cannot open"),
         (["video", "{clip}", "-o", "out.mp4", "--every", "0"], 2, "every"),
         (["video", "{clip}", "-o", "out.mp4", "--smooth", "1.5"], 2, "smooth"),
+        (["video", "{clip}", "-o", "out.mp4", "--preset", "fastest"], 2, "invalid choice: 'fastest'"),
         (["video", "{clip}", "-o", "no/such/dir/out.mp4", "--model", "resnet18", "--weights", "none"], 1, "cannot write"),
         (["video", "{clip}", "-o", "./{clip}", "--model", "resnet18", "--weights", "none"], 1, "same file"),
         (["video", "{clip}", "-o", "out.mp4", "--jsonl", "out.mp4", "--model", "resnet18", "--weights", "none"], 1,

@@ -18,6 +18,9 @@ _SWSCALE = {"bt601": "ITU601", "bt709": "ITU709", "fcc": "FCC", "smpte240m": "SM
 _JPEG_RANGE = 2  # AVCOL_RANGE_JPEG: full-range values
 
 
+PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
+
+
 @dataclass(frozen=True)
 class Colours:
     """How the frames' YUV values map to colours: the YCbCr matrix (a key of
@@ -71,7 +74,7 @@ class Decoder:
         except FileNotFoundError:
             raise VideoError(f"no such video: {source}") from None
         except (av.error.FFmpegError, OSError, ValueError) as exc:
-            raise VideoError(f"cannot open {source}: {_reason(exc)}") from None
+            raise VideoError(f"cannot open {source}: {_reason(exc)} (not a video, or a file cut short)") from None
         if not self.container.streams.video:
             self.container.close()
             raise VideoError(f"{source} has no video stream")
@@ -85,6 +88,15 @@ class Decoder:
             raise VideoError(f"cannot read the frame size of {source} (unsupported codec?)")
         self.rate: Fraction = self.stream.average_rate or self.stream.guessed_rate or Fraction(25)
         self.declared_frames = int(self.stream.frames or 0)
+        # the duration the input declares, where it is the video's own (a stream duration, or the container's
+        # when the video is its only stream: an audio track may run longer); Matroska, say, declares no frame
+        # count but a duration in its header, which a file cut short still carries
+        if self.stream.duration is not None and self.stream.time_base is not None:
+            self.declared_seconds: float | None = float(self.stream.duration * self.stream.time_base)
+        elif self.container.duration and len(self.container.streams) == 1:
+            self.declared_seconds = self.container.duration / av.time_base
+        else:
+            self.declared_seconds = None
         context = self.stream.codec_context
         tag = int(context.colorspace)
         # a matrix the blend cannot use (RGB's identity, YCgCo, ...): the frames are converted with BT.601, so

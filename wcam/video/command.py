@@ -13,6 +13,7 @@ def add_video(commands: argparse._SubParsersAction, parents: list[argparse.Argum
     from wcam.engine.engine import BACKENDS
     from wcam.engine.explanation import METHODS
     from wcam.engine.models import MODELS
+    from wcam.video.codec import PRESETS
 
     sub = commands.add_parser(
         "video",
@@ -38,7 +39,8 @@ def add_video(commands: argparse._SubParsersAction, parents: list[argparse.Argum
                      help="moving average over frames: m = A * previous + (1 - A) * current, 0 = off (default: %(default)s)")
     sub.add_argument("--size", type=cli._size, metavar="WxH", help="output size (default: the input's)")
     sub.add_argument("--alpha", type=cli._number_in("alpha", 0.0, 1.0), default=0.5, help="heatmap opacity (default: %(default)s)")
-    sub.add_argument("--preset", default="veryfast", help="libx264 preset: ultrafast ... veryslow (default: %(default)s)")
+    sub.add_argument("--preset", choices=PRESETS, default="veryfast", metavar="PRESET",
+                     help=f"libx264 preset: {', '.join(PRESETS)} (default: %(default)s)")
     sub.add_argument("--jsonl", type=Path, metavar="FILE", help="also write per-frame class, probability and heatmap centre of mass")
     sub.add_argument("--npz", type=Path, metavar="FILE", help="also write each frame's heatmap (network input size, float16)")
     sub.add_argument("--device", default="auto", help="torch device (default: cuda when available)")
@@ -69,6 +71,9 @@ def cmd_video(args: argparse.Namespace) -> int:
     rate = summary.frames / max(summary.wall, 1e-9)
     print(f"wcam: {summary.frames} frames ({summary.explained} explained) -> {args.output} in {summary.wall:.1f} s, "
           f"{rate:.1f} frames/s; busy: {busy}", flush=True)
+    if summary.frames == 0:  # nothing was written: say so, and leave no unplayable file behind
+        Path(args.output).unlink(missing_ok=True)
+        raise cli.CliError(f"{summary.stopped or f'no frame could be decoded from {source}'}; nothing was written")
     if summary.stopped:
         sys.stderr.write(f"wcam: {summary.stopped}; the {summary.frames} frames before it are in {args.output}\n")
         return 1

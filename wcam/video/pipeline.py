@@ -28,7 +28,7 @@ from wcam.kernels.frames import YUVFrames
 from wcam.kernels.resample import normalize_maps
 from wcam.kernels.transfer import to_device
 from wcam.overlay import TURBO_LUT
-from wcam.video.codec import Colours, Decoder, Encoder, Picture, VideoError, pixel_format
+from wcam.video.codec import PRESETS, Colours, Decoder, Encoder, Picture, VideoError, pixel_format
 from wcam.video.sidecar import Sidecars
 
 logger = logging.getLogger(__name__)
@@ -53,11 +53,13 @@ class VideoOptions:
     smooth: float = 0.0
     size: tuple[int, int] | None = None
     alpha: float = 0.5
-    preset: str = "veryfast"
+    preset: str = "veryfast"  # one of PRESETS
     jsonl: Path | None = None
     npz: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of libx264's: {', '.join(PRESETS)}; got {self.preset!r}")
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"every must be a positive int, got {self.every!r}")
         if not 0.0 <= self.smooth < 1.0:
@@ -205,9 +207,9 @@ def _decode(
                 return
             index += 1
             tick = time.perf_counter()
-        declared = decoder.declared_frames
-        if declared and index < declared:
-            problems.append(f"the input ended at frame {index} of the {declared} it declares (truncated?)")
+        problem = _missing_frames(index, decoder.declared_frames, decoder.declared_seconds, float(decoder.rate))
+        if problem:
+            problems.append(problem)
     except VideoError as exc:
         problems.append(f"corrupt input at frame {index}: {exc}")
     except Exception as exc:  # anything else (a conversion PyAV refuses, say): say so, the frames before it stay
@@ -263,6 +265,21 @@ def _draw(
         stop.set()
     finally:
         _hand_on(frames, _END, encode)
+
+
+def _missing_frames(decoded: int, declared: int, seconds: float | None, rate: float) -> str | None:
+    """What to say when fewer frames were decoded than the input declares: its frame count where it has one
+    (MP4), else its duration at its frame rate (Matroska), allowing 2 frames or 2% for rounding and variable
+    rates; None when nothing is missing or nothing is declared (a stream, MPEG-TS)."""
+    if declared:
+        return f"the input ended at frame {decoded} of the {declared} it declares (truncated?)" if decoded < declared else None
+    if seconds is None or decoded == 0:
+        return None
+    expected = round(seconds * rate)
+    if decoded >= expected - max(2, 0.02 * expected):
+        return None
+    return (f"the input ended at frame {decoded}, where its duration ({seconds:.2f} s at {rate:g} frames/s) holds "
+            f"about {expected} (truncated, or frames lost to corrupt data?)")
 
 
 def _encode(encoder: Encoder, frames: queue.Queue, stop: threading.Event, summary: VideoSummary, problems: list[str]) -> None:
