@@ -134,6 +134,28 @@ def test_a_trace_that_loses_a_no_grad_block_is_not_used(caplog):
     assert "gradients flow where the model's do not" in caplog.text
 
 
+class PartlyFrozen(ConvBnHead):
+    """A trainable branch beside a frozen one (under ``torch.no_grad()``, which fx does not record): the trace
+    sends gradients down the frozen branch too, so they exist in both but differ by O(1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen, self.frozen_bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            fixed = self.frozen_bn(self.frozen(x)).relu()
+        return self.fc((self.bn(self.conv(x)).relu() + fixed).mean(dim=(2, 3)))
+
+
+def test_a_trace_whose_input_gradients_differ_is_not_used(caplog):
+    torch.manual_seed(25)
+    model = randomise_batch_norms(PartlyFrozen().double(), seed=25).eval()
+    with caplog.at_level(logging.WARNING, logger="wcam.engine.batchnorm_folding"):
+        agrees_with_reference(model, images(2, seed=26), ps=(90.0,), layers=["conv"], fold_batch_norms=True)
+    assert "input gradients differ by" in caplog.text
+
+
 def test_folding_is_for_the_eager_backend_only(resnet64):
     with pytest.raises(ValueError, match="eager backend"):
         Engine(resnet64, backend="compiled", fold_batch_norms=True)

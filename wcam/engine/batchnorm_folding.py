@@ -302,7 +302,9 @@ def _difference(expected: tuple[Tensor, Tensor | None], got: tuple[Tensor, Tenso
     if (gradient is None) != (gradient_got is None):
         return "gradients flow where the model's do not (or the other way round)"
     if gradient is not None:  # a norm, not a max: a ReLU input within rounding of 0 may flip one element
+        # float32 folding moves it by up to 8.4e-3 of its norm (resnet50, Lite0, resnet18 on the packaged photos
+        # and noise: the ReLU branches that flip); a structural fault (a lost no_grad, a path cut) by O(1)
         error = float((gradient_got - gradient).norm())
-        if not error <= 1e-3 * float(gradient.norm()) + 1e-12:
-            return f"input gradients differ by {error:.3g} (norm)"
+        if not error <= 5e-2 * float(gradient.norm()) + 1e-12:
+            return f"input gradients differ by {error:.3g} (norm, against {float(gradient.norm()):.3g})"
     return ""
