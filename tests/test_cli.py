@@ -102,8 +102,10 @@ def garbage(tmp_path):
         (["--demo", "--alpha", "1.5"], 2, ["--alpha", "1.5"]),
         (["--demo", "--method", "gradcam", "--layers", "a", "b"], 2, ["gradcam", "one layer"]),
         ([], 2, ["no images"]),
+        (["--layers", "_conv_head", "{garbage}"], 2, ["no images", "garbage.jpg' was read as a layer name"]),
     ],
-    ids=["missing-file", "garbage-file", "unknown-model", "unknown-layer", "bad-p", "bad-alpha", "gradcam-layers", "no-images"],
+    ids=["missing-file", "garbage-file", "unknown-model", "unknown-layer", "bad-p", "bad-alpha", "gradcam-layers", "no-images",
+         "image-after-layers"],
 )
 def test_errors_are_one_line_with_an_exit_code(args, code, named, tmp_path, garbage, capsys):
     argv = ["explain", *(a.format(tmp=tmp_path, garbage=garbage) for a in args), "--out", str(tmp_path / "out")]
@@ -113,6 +115,12 @@ def test_errors_are_one_line_with_an_exit_code(args, code, named, tmp_path, garb
     for word in named:
         assert word in line
     assert captured.out == ""
+
+
+def test_random_weights_are_said_in_the_header(tmp_path, capsys):
+    assert main(["explain", "--demo", "--model", "resnet18", "--weights", "none", "--out", str(tmp_path)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "model=resnet18 (random weights: the classes mean nothing)" in header
 
 
 def test_a_weights_file_with_nan_is_one_line(tmp_path, capsys):

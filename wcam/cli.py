@@ -466,7 +466,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     layers = _split_layers(args.layers)
     inputs = _demo_inputs() if args.demo else []
     if not args.images and not inputs:
-        raise CliError("no images given: pass IMAGE paths or --demo", code=2)
+        files = [name for name in layers or [] if Path(name).is_file()]
+        hint = (f" ({files[0]!r} was read as a layer name: --layers takes every word after it, so give the images"
+                " before --layers)") if files else ""
+        raise CliError(f"no images given: pass IMAGE paths or --demo{hint}", code=2)
     for path in args.images:  # before the model loads, so a typo fails in a second, not after a minute
         _check_file(path)
     inputs += [_Input(path, Path(path).stem, lambda path=path: _load_file(path)) for path in args.images]
@@ -483,6 +486,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise CliError(f"cannot create output folder {out_dir}: {exc.strerror or _reason(exc)}") from exc
     p_text = f" p={args.p:g}" if args.method == "winsor" else ""
     source = f"onnx={args.onnx}" if args.onnx is not None else f"model={args.model}"
+    if args.onnx is None and args.weights.lower() == "none":
+        source += " (random weights: the classes mean nothing)"
     size = "x".join(map(str, engine.preprocess.size))
     print(
         f"wcam: method={args.method}{p_text} {source} backend={engine.backend} layers={count} size={size} "

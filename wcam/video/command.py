@@ -37,7 +37,9 @@ def add_video(commands: argparse._SubParsersAction, parents: list[argparse.Argum
                      help="explain every N-th frame and reuse its heatmap in between (default: %(default)s)")
     sub.add_argument("--smooth", type=cli._number_in("smooth", 0.0, 0.999), default=0.0, metavar="A",
                      help="moving average over frames: m = A * previous + (1 - A) * current, 0 = off (default: %(default)s)")
-    sub.add_argument("--size", type=cli._size, metavar="WxH", help="output size (default: the input's)")
+    sub.add_argument("--size", type=cli._size, metavar="WxH",
+                     help="output video size, width x height as video tools write it, e.g. 960x540 (not the network's "
+                     "input size, which is the model's; default: the input's)")
     sub.add_argument("--alpha", type=cli._number_in("alpha", 0.0, 1.0), default=0.5, help="heatmap opacity (default: %(default)s)")
     sub.add_argument("--preset", choices=PRESETS, default="veryfast", metavar="PRESET",
                      help=f"libx264 preset: {', '.join(PRESETS)} (default: %(default)s)")
