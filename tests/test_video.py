@@ -314,9 +314,11 @@ def test_cli_input_with_no_decodable_frame_writes_nothing(tmp_path, capsys):
     (tmp_path / "head.mkv").write_bytes(data[: len(data) // 5])  # the header and no whole frame
     code = main(["video", str(tmp_path / "head.mkv"), "-o", str(tmp_path / "out.mp4"), "--model", "resnet18",
                  "--weights", "none"])
-    err = capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    err = captured.err.strip()
     assert code == 1 and len(err.splitlines()) == 1, err
     assert err.endswith("nothing was written") and not (tmp_path / "out.mp4").exists()
+    assert "out.mp4" not in captured.out
 
 
 @pytest.mark.parametrize(

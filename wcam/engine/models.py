@@ -110,6 +110,8 @@ def _torchvision(name: str, size: int) -> Callable[[str | None], NamedModel]:
         try:
             model = torchvision.models.get_model(name, weights=tv_weights, **kwargs)
         except OSError as exc:  # urllib's URLError, socket errors, a cache folder it cannot write
+            if tv_weights is None:  # nothing was downloaded: not ours to explain
+                raise
             file_name = tv_weights.url.rsplit("/", 1)[-1]
             raise WeightsDownloadError(
                 f"cannot download the {tv_weights} weights of {name} ({getattr(exc, 'reason', None) or exc}): "

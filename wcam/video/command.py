@@ -69,13 +69,13 @@ def cmd_video(args: argparse.Namespace) -> int:
         raise cli.CliError(str(exc)) from None
     finally:
         progress.close()
+    if summary.frames == 0:  # nothing was written: say so, and leave no unplayable file behind
+        Path(args.output).unlink(missing_ok=True)
+        raise cli.CliError(f"{summary.stopped or f'no frame could be decoded from {source}'}; nothing was written")
     busy = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in summary.seconds.items())
     rate = summary.frames / max(summary.wall, 1e-9)
     print(f"wcam: {summary.frames} frames ({summary.explained} explained) -> {args.output} in {summary.wall:.1f} s, "
           f"{rate:.1f} frames/s; busy: {busy}", flush=True)
-    if summary.frames == 0:  # nothing was written: say so, and leave no unplayable file behind
-        Path(args.output).unlink(missing_ok=True)
-        raise cli.CliError(f"{summary.stopped or f'no frame could be decoded from {source}'}; nothing was written")
     if summary.stopped:
         sys.stderr.write(f"wcam: {summary.stopped}; the {summary.frames} frames before it are in {args.output}\n")
         return 1
