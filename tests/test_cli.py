@@ -120,7 +120,7 @@ def test_errors_are_one_line_with_an_exit_code(args, code, named, tmp_path, garb
 def test_random_weights_are_said_in_the_header(tmp_path, capsys):
     assert main(["explain", "--demo", "--model", "resnet18", "--weights", "none", "--out", str(tmp_path)]) == 0
     header = capsys.readouterr().out.splitlines()[0]
-    assert "model=resnet18 (random weights: the classes mean nothing)" in header
+    assert "model=resnet18 backend=eager" in header and header.endswith("; random weights: the classes mean nothing")
 
 
 def test_a_weights_file_with_nan_is_one_line(tmp_path, capsys):

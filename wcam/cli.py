@@ -486,12 +486,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise CliError(f"cannot create output folder {out_dir}: {exc.strerror or _reason(exc)}") from exc
     p_text = f" p={args.p:g}" if args.method == "winsor" else ""
     source = f"onnx={args.onnx}" if args.onnx is not None else f"model={args.model}"
-    if args.onnx is None and args.weights.lower() == "none":
-        source += " (random weights: the classes mean nothing)"
+    untrained = "; random weights: the classes mean nothing" if args.onnx is None and args.weights.lower() == "none" else ""
     size = "x".join(map(str, engine.preprocess.size))
     print(
         f"wcam: method={args.method}{p_text} {source} backend={engine.backend} layers={count} size={size} "
-        f"device={device} images={len(inputs)}",
+        f"device={device} images={len(inputs)}{untrained}",
         flush=True,
     )
 
