@@ -24,9 +24,15 @@ SMALL = ["resnet18", "--weights", "none", "--size", "32x32"]
 TOLERANCE = 1e-3
 
 
-def _run(argv):
-    """``main(argv)`` with torch seeded first (identical random weights on every call): (code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _run(argv, terminal: bool = False):
+    """``main(argv)`` with torch seeded first (identical random weights on every call): (code, stdout, stderr);
+    with ``terminal``, stderr says it is a terminal."""
+    out, err = io.StringIO(), (_Terminal() if terminal else io.StringIO())
     torch.manual_seed(0)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv)
@@ -62,7 +68,7 @@ def features(folder):
 @pytest.fixture(scope="module")
 def full(folder):
     path = folder / "resnet18-full.onnx"
-    return (*_run(["export", *SMALL, "--graph", "full", "-o", str(path)]), path)
+    return (*_run(["export", *SMALL, "--graph", "full", "-o", str(path)], terminal=True), path)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +109,8 @@ def test_export_full_graph_metadata_says_full(full):
     assert code == 0, err
     assert read_info(path).graph == "full"
     assert "full graph" in stdout
+    # on a terminal, a note while it exports, erased when it is done
+    assert err == f"exporting resnet18 to {path} (10 s to a few minutes on a CPU)...\r\033[K"
 
 
 # ------------------------------------------------------------------ explain --onnx

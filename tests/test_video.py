@@ -289,6 +289,23 @@ def test_cli_truncated_input_leaves_a_playable_prefix(tmp_path, capsys):
     assert len(decode(tmp_path / "out.mp4")[0]) == readable
 
 
+def test_cli_progress_bar_knows_the_declared_frame_count(tmp_path, monkeypatch):
+    import wcam.cli
+
+    totals = []
+    made = wcam.cli._Progress
+
+    def recording(total, enabled, unit="images"):
+        totals.append(total)
+        return made(total, enabled, unit)
+
+    monkeypatch.setattr(wcam.cli, "_Progress", recording)
+    make_video(tmp_path / "in.mp4", count=5)
+    assert main(["video", str(tmp_path / "in.mp4"), "-o", str(tmp_path / "out.mp4"), "--model", "resnet18",
+                 "--weights", "none"]) == 0
+    assert totals == [5]
+
+
 def test_cli_truncated_matroska_is_named_by_its_declared_duration(tmp_path, capsys):
     """Matroska declares no frame count, but its header's duration survives a cut: 40 frames at 12 frames/s."""
     make_video(tmp_path / "whole.mkv", count=40)

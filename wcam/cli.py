@@ -563,6 +563,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     engine = _named_engine(args.model, weights, options)
 
     started = time.perf_counter()
+    note = sys.stderr.isatty()  # a progress note, as the bars are: seconds to minutes with nothing else to see
+    if note:
+        sys.stderr.write(f"exporting {args.model} to {target} (10 s to a few minutes on a CPU)...")
+        sys.stderr.flush()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # export into a scratch folder beside the target, then rename: a failed export leaves no half file
@@ -580,6 +584,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CliError(f"{args.model}: {exc}") from exc
     except OSError as exc:
         raise CliError(f"cannot write {target}: {exc.strerror or _reason(exc)}") from exc
+    finally:
+        if note:  # erase the note: the summary line (or the error) takes its place
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
     seconds = time.perf_counter() - started
     megabytes = sum((target.parent / file.name).stat().st_size for file in produced) / 1e6
     size = "x".join(map(str, info.input_size))

@@ -62,7 +62,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     )
     network = argparse.Namespace(**{**vars(args), "size": None, "cache_dir": None, "interpolation": "bilinear"})
     engine = cli._build_engine(network)
-    progress = cli._Progress(0, enabled=True, unit="frames")
+    progress = cli._Progress(_declared_frames(source) if local else 0, enabled=True, unit="frames")
     try:
         summary = explain_video(engine, source, args.output, options, progress=lambda done: progress.update(done - progress.done))
     except VideoError as exc:
@@ -80,3 +80,18 @@ def cmd_video(args: argparse.Namespace) -> int:
         sys.stderr.write(f"wcam: {summary.stopped}; the {summary.frames} frames before it are in {args.output}\n")
         return 1
     return 0
+
+
+def _declared_frames(source: str) -> int:
+    """The frame count a video file declares (0 when it declares none, or cannot be opened: explain_video then
+    says why), for the progress bar's total."""
+    from wcam.video.codec import Decoder, VideoError
+
+    try:
+        decoder = Decoder(source)
+    except VideoError:
+        return 0
+    try:
+        return decoder.declared_frames
+    finally:
+        decoder.close()
