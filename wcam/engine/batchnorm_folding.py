@@ -33,8 +33,9 @@ import functools
 import logging
 import operator
 import threading
-from dataclasses import dataclass
-from typing import Any, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -141,18 +142,59 @@ class FoldedNetwork:
         return [self.affines.get(name) for name in layers]
 
 
+# torch.fx patches nn.Module and torch functions for the whole process while it traces, and undoes it by one
+# global patcher: two traces that overlap in time undo each other's patches, so wcam traces one at a time
+_TRACING = threading.Lock()
+
+
+class GradModeSwitch(RuntimeError):
+    """The model switches grad mode inside its forward (``torch.no_grad()``, ``enable_grad``), which a trace
+    does not keep: its gradients would differ from the model's."""
+
+
+@contextmanager
+def _grad_mode_watch(thread: int) -> Iterator[list[bool]]:
+    """Record (in the list yielded) every grad-mode switch made by ``thread`` meanwhile; other threads' switches
+    pass through untouched. Held under :data:`_TRACING`, so the patches never overlap."""
+    switches: list[bool] = []
+    original = torch._C._set_grad_enabled
+
+    def watched(mode: bool) -> None:
+        if threading.get_ident() == thread:
+            switches.append(mode)
+        original(mode)
+
+    torch._C._set_grad_enabled = watched
+    try:
+        yield switches
+    finally:
+        torch._C._set_grad_enabled = original
+
+
 def fold_batch_norms(model: nn.Module, keep: Sequence[str] = ()) -> FoldedNetwork:
     """Trace ``model`` (in its current mode: eval, for folding to be right) keeping the modules named in
     ``keep`` as units, and fold every batch norm whose input is a convolution's output used by nothing else.
-    Raises whatever ``torch.fx`` raises on a model it cannot trace."""
+    Raises :class:`GradModeSwitch` for a model that switches grad mode in its forward, and whatever
+    ``torch.fx`` raises on a model it cannot trace. The model is left as it was (fx stores the tensors that a
+    forward creates as attributes of the root it traces: they move to the trace)."""
     if _has_hooks(model):
         raise ValueError("the model has hooks of its own on its root module")
     modules = dict(model.named_modules())
     keep_modules = {modules[name] for name in keep}
     tracer = _Tracer(model, keep_modules)
-    graph = tracer.trace(model)
-    network = fx.GraphModule(tracer.root, graph)
-    places = [(n.target, _resolve(model, n.target)) for n in graph.nodes if n.op in ("call_module", "get_attr")]
+    attributes = set(model.__dict__)
+    with _TRACING, _grad_mode_watch(threading.get_ident()) as switches:
+        try:
+            graph = tracer.trace(model)
+            network = fx.GraphModule(tracer.root, graph)
+        finally:
+            created = set(model.__dict__) - attributes
+            for name in created:  # fx's _tensor_constant<N>: now the trace's own
+                delattr(model, name)
+    if switches:
+        raise GradModeSwitch("the model switches grad mode (torch.no_grad() or enable_grad()) inside its forward")
+    places = [(n.target, _resolve(model, n.target)) for n in graph.nodes
+              if n.op in ("call_module", "get_attr") and n.target.split(".")[0] not in created]
     affines: dict[str, Affine] = {}
     sources: list[Tensor] = []
     replaced: list[nn.Module] = []
@@ -242,16 +284,22 @@ class BatchNormFolding:
         the model itself. ``example``: an input (one image is enough) to check a new folding on."""
         network = self._network
         if network is None or not network.matches(model):
+            if self._unfoldable(model):  # without the lock: a model that runs unfolded never waits here
+                return None
             with self._lock:
                 network = self._network
                 if network is None or not network.matches(model):
-                    if self._failed or (self._rejected is not None and self._rejected.matches(model)):
+                    if self._unfoldable(model):
                         return None
                     self._network = network = self._fold(model, layers, example)
                     if network is None:
                         return None
         affines = network.layer_affines(layers)
         return None if affines is None else (network.module, affines)
+
+    def _unfoldable(self, model: nn.Module) -> bool:
+        rejected = self._rejected
+        return self._failed or (rejected is not None and rejected.matches(model))
 
     def _fold(self, model: nn.Module, layers: Sequence[str], example: Tensor) -> FoldedNetwork | None:
         try:
@@ -263,6 +311,9 @@ class BatchNormFolding:
         if not network.folded:
             return self._reject(network, "the model has no convolution that feeds a batch norm alone")
         expected = _response(model, example)  # an error here is the model's own (or the input's): raised
+        if not bool(torch.isfinite(expected[0]).all()):  # the call fails on these logits anyway: try again next time
+            logger.info("batch norms not folded for this call: the model's own logits are not finite")
+            return None
         try:
             got = _response(network.module, example)
         except Exception as failure:  # noqa: BLE001 - e.g. a model that returns no tensor
@@ -276,7 +327,7 @@ class BatchNormFolding:
 
     def _reject(self, network: FoldedNetwork, why: str, level: int = logging.INFO) -> None:
         logger.log(level, "batch norms not folded: %s (until the model changes)", why)
-        self._rejected = network
+        self._rejected = replace(network, module=None, affines={})  # what matches() reads; not the folded copies
         return None
 
 
