@@ -280,6 +280,33 @@ def test_a_model_in_eval_mode_is_only_looked_at():
     assert model.train_calls == 1 and all(m.training for m in model.modules())
 
 
+class EqualByType(TinyNet):
+    """Models that compare (and hash) equal by class: still two models, each with its own eval-mode guard."""
+
+    def __eq__(self, other):
+        return type(other) is type(self)
+
+    def __hash__(self):
+        return hash(type(self))
+
+
+def test_models_that_compare_equal_each_get_their_own_eval_mode_guard():
+    from wcam.engine.runner import EvalGuard
+
+    first, second = EqualByType(), EqualByType()
+    assert first == second and EvalGuard.of(first) is not EvalGuard.of(second)
+    assert EvalGuard.of(first) is EvalGuard.of(first)
+    second.train()
+    Engine(first).explain(images(1, seed=33))
+    seen = []
+    handle = second.register_forward_pre_hook(lambda m, i: seen.append(m.training))
+    try:
+        Engine(second).explain(images(1, seed=33))
+    finally:
+        handle.remove()
+    assert seen == [False] and second.training  # in eval mode during the call, restored after
+
+
 class PausingNet(TinyNet):
     """A model with a batch norm; a call from a thread in ``gates`` stops after conv1, sets the thread's
     ``paused`` event and waits for its ``resume`` event."""

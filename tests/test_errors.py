@@ -315,6 +315,13 @@ def test_heatmap_size_must_be_two_positive_ints(tiny, size):
         explanation.heatmap(0, size)
 
 
+def test_heatmap_size_may_be_any_pair_of_ints(tiny):
+    _, engine = tiny
+    explanation = engine.explain(images(1))
+    for size in ((7, 9), [7, 9], np.array([7, 9]), torch.tensor([7, 9]), torch.Size([7, 9])):
+        assert explanation.heatmap(0, size).shape == (7, 9)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [({"batch_size": 0}, ValueError, "batch_size"), ({"p": 500}, ValueError, "p must be"),

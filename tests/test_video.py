@@ -321,7 +321,8 @@ def test_cli_truncated_matroska_is_named_by_its_declared_duration(tmp_path, caps
                  "--weights", "none", "--batch", "4"])
     err = capsys.readouterr().err
     assert code == 1
-    assert f"the input ended at frame {readable}, where its duration (3.33 s at 12 frames/s) holds about 40" in err
+    covered = readable / FPS  # frames at the nominal rate, the last one's length included
+    assert f"the input ended at frame {readable}, {covered:.2f} s into the 3.33 s it declares (truncated?)" in err
     assert len(decode(tmp_path / "out.mp4")[0]) == readable
 
 
@@ -334,27 +335,48 @@ def test_cli_input_with_no_decodable_frame_writes_nothing(tmp_path, capsys):
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert code == 1 and len(err.splitlines()) == 1, err
-    assert err.endswith("nothing was written") and not (tmp_path / "out.mp4").exists()
+    assert err.endswith("no frame was written") and not (tmp_path / "out.mp4").exists()
     assert "out.mp4" not in captured.out
 
 
 @pytest.mark.parametrize(
-    ("decoded", "declared", "seconds", "rate", "message"),
+    ("decoded", "declared", "seconds", "times", "message"),
     [
-        (30, 30, None, 25.0, None),
-        (19, 50, None, 25.0, "the input ended at frame 19 of the 50 it declares (truncated?)"),
-        (48, 0, 2.0, 25.0, None),  # 2 frames short of 50: within rounding
-        (42, 0, 2.0, 25.0, "the input ended at frame 42, where its duration (2.00 s at 25 frames/s) holds about 50"),
-        (985, 0, 40.0, 25.0, None),  # 15 short of 1000: within 2% (a variable frame rate)
-        (900, 0, 40.0, 25.0, "holds about 1000"),
-        (10, 0, None, 25.0, None),  # nothing declared (MPEG-TS, a stream): nothing to say
+        (30, 30, None, [0.0, 1.12, 1.16], None),
+        (19, 50, None, [0.0, 0.68, 0.72], "the input ended at frame 19 of the 50 it declares (truncated?)"),
+        (50, 0, 2.0, [0.0, 1.92, 1.96], None),  # up to 2.0 s: complete
+        (48, 0, 2.0, [0.0, 1.84, 1.88], None),  # 0.08 s short: within a tenth of a second
+        (42, 0, 2.0, [0.0, 1.6, 1.64], "the input ended at frame 42, 1.68 s into the 2.00 s it declares"),
+        (68, 0, 10.0, [0.0, 8.0, 9.0], None),  # a variable rate: 30 frames/s, then 1 frame/s to the end
+        (1, 0, 10.0, [0.0], "the input ended at frame 1, 0.04 s into the 10.00 s it declares"),
+        (10, 0, None, [0.0, 0.32, 0.36], None),  # nothing declared (MPEG-TS, a stream): nothing to say
     ],
 )
-def test_missing_frames_are_judged_against_what_the_input_declares(decoded, declared, seconds, rate, message):
-    from wcam.video.pipeline import _missing_frames
+def test_missing_frames_are_judged_against_what_the_input_declares(decoded, declared, seconds, times, message):
+    from wcam.video.pipeline import _covered, _missing_frames
 
-    said = _missing_frames(decoded, declared, seconds, rate)
+    said = _missing_frames(decoded, declared, seconds, _covered(times, 25.0))
     assert said is None if message is None else message in said
+
+
+def test_a_complete_variable_rate_matroska_is_not_called_truncated(engine, tmp_path):
+    """30 frames/s for 2 s, then 1 frame/s for 3 s: the average rate would predict far more frames."""
+    container = av.open(str(tmp_path / "vfr.mkv"), "w")
+    stream = container.add_stream("libx264", rate=30)
+    stream.width, stream.height, stream.pix_fmt = SIZE[1], SIZE[0], "yuv420p"
+    stream.codec_context.time_base = Fraction(1, 30)
+    rng = np.random.default_rng(1)
+    stamps = [*range(60), *range(60, 150, 30)]
+    for pts in stamps:
+        frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8), format="rgb24")
+        frame.pts, frame.time_base = pts, Fraction(1, 30)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+    container.close()
+    summary = explain_video(engine, str(tmp_path / "vfr.mkv"), tmp_path / "out.mp4", VideoOptions(batch_size=8))
+    assert summary.frames == len(stamps) and summary.stopped is None
 
 
 @pytest.mark.parametrize(

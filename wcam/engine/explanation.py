@@ -186,7 +186,10 @@ class Explanation:
 
 def _output_size(size: object) -> tuple[int, int]:
     """``(height, width)`` as two positive ints, or a ValueError that names what was given."""
-    values = [as_index(v) for v in size] if isinstance(size, (tuple, list)) else []
+    try:  # a tuple or list, or a numpy array or tensor of two ints
+        values = [] if isinstance(size, (str, bytes)) else [as_index(v) for v in size]
+    except TypeError:  # not iterable
+        values = []
     if len(values) != 2 or any(v is None or v <= 0 for v in values):
         raise ValueError(f"size must be (height, width), two positive ints, got {size!r}")
     return values[0], values[1]

@@ -84,20 +84,29 @@ class EvalGuard:
     no ``eval()`` call when they are all False.
     """
 
-    _guards: "weakref.WeakKeyDictionary[nn.Module, EvalGuard]" = weakref.WeakKeyDictionary()
-    _guards_lock = threading.Lock()
+    _guards: "dict[int, EvalGuard]" = {}  # by id(model): models that compare equal are still two models
+    _guards_lock = threading.RLock()  # re-entrant: a model collected inside of() forgets its guard in that thread
 
     @classmethod
     def of(cls, model: nn.Module) -> "EvalGuard":
         """The guard of ``model``: the same object for every caller while the model lives."""
         with cls._guards_lock:
-            guard = cls._guards.get(model)
-            if guard is None:
-                guard = cls._guards[model] = cls(model)
+            guard = cls._guards.get(id(model))
+            if guard is None or guard._model() is not model:
+                guard = cls._guards[id(model)] = cls(model)
             return guard
 
+    @classmethod
+    def _forget(cls, key: int, ref: "weakref.ref[nn.Module]") -> None:
+        with cls._guards_lock:
+            guard = cls._guards.get(key)
+            if guard is not None and guard._model is ref:
+                del cls._guards[key]
+
     def __init__(self, model: nn.Module) -> None:
-        self._model = weakref.ref(model)  # the registry's value must not keep its key alive
+        key = id(model)
+        # a weak reference (the registry must not keep the model alive) that drops the entry with the model
+        self._model = weakref.ref(model, lambda ref: EvalGuard._forget(key, ref))
         self._lock = threading.Lock()
         self._depth = 0
         self._saved: list[tuple[nn.Module, bool]] = []  # empty while no module was in training mode

@@ -71,7 +71,7 @@ def cmd_video(args: argparse.Namespace) -> int:
         progress.close()
     if summary.frames == 0:  # nothing was written: say so, and leave no unplayable file behind
         Path(args.output).unlink(missing_ok=True)
-        raise cli.CliError(f"{summary.stopped or f'no frame could be decoded from {source}'}; nothing was written")
+        raise cli.CliError(f"{summary.stopped or f'no frame could be decoded from {source}'}; no frame was written")
     busy = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in summary.seconds.items())
     rate = summary.frames / max(summary.wall, 1e-9)
     print(f"wcam: {summary.frames} frames ({summary.explained} explained) -> {args.output} in {summary.wall:.1f} s, "

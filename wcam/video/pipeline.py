@@ -193,10 +193,12 @@ def _decode(
     """Decode into ``(index, Picture)`` pairs at the output ``size`` (width, height), with RGB for every
     ``every``-th frame (the ones the network explains), until the end marker."""
     index = 0
+    times: list[float] = []  # the first, the one before the last, and the last frame's time
     try:
         tick = time.perf_counter()
         for picture in decoder.frames(size, lambda i: i % every == 0):
             summary.seconds["decode"] += time.perf_counter() - tick
+            times = [times[0], times[-1], picture.time] if times else [picture.time]
             while not stop.is_set():
                 try:
                     frames.put((index, picture), timeout=0.1)
@@ -207,7 +209,7 @@ def _decode(
                 return
             index += 1
             tick = time.perf_counter()
-        problem = _missing_frames(index, decoder.declared_frames, decoder.declared_seconds, float(decoder.rate))
+        problem = _missing_frames(index, decoder.declared_frames, decoder.declared_seconds, _covered(times, decoder.rate))
         if problem:
             problems.append(problem)
     except VideoError as exc:
@@ -267,19 +269,26 @@ def _draw(
         _hand_on(frames, _END, encode)
 
 
-def _missing_frames(decoded: int, declared: int, seconds: float | None, rate: float) -> str | None:
-    """What to say when fewer frames were decoded than the input declares: its frame count where it has one
-    (MP4), else its duration at its frame rate (Matroska), allowing 2 frames or 2% for rounding and variable
-    rates; None when nothing is missing or nothing is declared (a stream, MPEG-TS)."""
+def _covered(times: list[float], rate: float) -> float | None:
+    """Seconds of video the decoded frames cover, from the first, second-to-last and last frame times: up to
+    the last frame's end, its length taken as the interval before it (the nominal one for a single frame), so
+    that a variable frame rate's slow tail counts at its own pace. None when no frame was decoded."""
+    if not times:
+        return None
+    interval = times[-1] - times[-2] if len(times) > 1 and times[-1] > times[-2] else 1.0 / float(rate)
+    return times[-1] - times[0] + interval
+
+
+def _missing_frames(decoded: int, declared: int, seconds: float | None, covered: float | None) -> str | None:
+    """What to say when the input ends before what it declares: its frame count where it has one (MP4), else
+    the duration of its video (Matroska) against the time the decoded frames cover, allowing 2% (at least a
+    tenth of a second) for rounding; None when nothing is missing, or nothing is declared (MPEG-TS, a stream).
+    Frames lost inside a file whose timestamps go on are not told (a variable frame rate looks the same)."""
     if declared:
         return f"the input ended at frame {decoded} of the {declared} it declares (truncated?)" if decoded < declared else None
-    if seconds is None or decoded == 0:
+    if seconds is None or covered is None or covered >= seconds - max(0.1, 0.02 * seconds):
         return None
-    expected = round(seconds * rate)
-    if decoded >= expected - max(2, 0.02 * expected):
-        return None
-    return (f"the input ended at frame {decoded}, where its duration ({seconds:.2f} s at {rate:g} frames/s) holds "
-            f"about {expected} (truncated, or frames lost to corrupt data?)")
+    return f"the input ended at frame {decoded}, {covered:.2f} s into the {seconds:.2f} s it declares (truncated?)"
 
 
 def _encode(encoder: Encoder, frames: queue.Queue, stop: threading.Event, summary: VideoSummary, problems: list[str]) -> None:
