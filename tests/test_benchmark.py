@@ -128,13 +128,29 @@ def test_default_backends_compile_at_the_target_batch_only(monkeypatch):
     from wcam.benchmark.command import _backends
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # onnxruntime "installed"
-    built, timed = _backends(None, [1, 8])
-    assert built == ["eager", "onnxruntime", "compiled"]
+    built, timed, notes = _backends(None, [1, 8])
+    assert built == ["eager", "onnxruntime", "compiled"] and notes == []
     assert timed == {1: ["eager", "onnxruntime"], 8: ["eager", "onnxruntime", "compiled"]}
     assert _backends(None, [1, 8, 32])[1][8] == built and "compiled" not in _backends(None, [1, 8, 32])[1][32]
     assert _backends(None, [1, 4])[1][4] == built
-    built, timed = _backends(["compiled"], [1, 8])
-    assert built == ["eager", "compiled"] and timed == {1: built, 8: built}
+    built, timed, notes = _backends(["compiled"], [1, 8])
+    assert built == ["eager", "compiled"] and timed == {1: built, 8: built} and notes == []
+
+
+def test_default_backends_on_a_gpu_leave_out_onnx_runtime_without_its_cuda_provider(monkeypatch):
+    """On a GPU, ONNX Runtime without its CUDA provider would time the CPU: not by default, and said so."""
+    import onnxruntime
+
+    from wcam.benchmark.command import _backends
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    built, timed, notes = _backends(None, [1, 8], "cuda")
+    assert built == ["eager", "compiled"] and timed[1] == ["eager"]
+    assert len(notes) == 1 and "no CUDA provider" in notes[0] and "--backends onnxruntime" in notes[0]
+    assert _backends(None, [8], "cpu")[0] == ["eager", "onnxruntime", "compiled"]  # the CPU provider is the CPU's
+    assert _backends(["onnxruntime"], [8], "cuda")[0] == ["eager", "onnxruntime"]  # asked for: timed
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert _backends(None, [8], "cuda") == (["eager", "onnxruntime", "compiled"], {8: ["eager", "onnxruntime", "compiled"]}, [])
 
 
 def test_a_failing_compiled_backend_is_left_out_with_a_note(monkeypatch, tmp_path):

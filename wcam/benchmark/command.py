@@ -49,17 +49,29 @@ def add_bench(commands: argparse._SubParsersAction, parents: list[argparse.Argum
     sub.set_defaults(func=cmd_bench)
 
 
-def _backends(chosen: list[str] | None, batches: list[int]) -> tuple[list[str], dict[int, list[str]]]:
-    """All backends to build, and those timed at each batch size (see ``--backends``)."""
+def _backends(
+    chosen: list[str] | None, batches: list[int], device: str = "cpu"
+) -> tuple[list[str], dict[int, list[str]], list[str]]:
+    """All backends to build, those timed at each batch size (see ``--backends``), and notes on any left out."""
     if chosen:
         found = ["eager", *[b for b in dict.fromkeys(chosen) if b != "eager"]]
-        return found, {batch: found for batch in batches}
-    found = ["eager"]
+        return found, {batch: found for batch in batches}, []
+    found, notes = ["eager"], []
     if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
-        found.append("onnxruntime")
+        if device != "cuda" or _ort_has_cuda():
+            found.append("onnxruntime")
+        else:
+            notes.append("onnxruntime not timed: this ONNX Runtime has no CUDA provider (onnxruntime-gpu has), so it "
+                         "would run on the CPU; --backends onnxruntime times it anyway")
     everywhere = list(found)
     found.append("compiled")
-    return found, {batch: found if batch == target_batch(batches) else everywhere for batch in batches}
+    return found, {batch: found if batch == target_batch(batches) else everywhere for batch in batches}, notes
+
+
+def _ort_has_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def target_batch(batches: list[int]) -> int:
@@ -78,10 +90,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cli._check_writable(args.json)  # before minutes of work, not after
     device = torch.device(cli._resolve_device(args.device))
     peers = PEERS if args.peers is None else [p for p in PEERS if p.package in args.peers]
-    backends, timed = _backends(args.backends, args.batches)
+    backends, timed, notes = _backends(args.backends, args.batches, device.type)
     total = len(args.models) * len(args.batches) * (args.rounds + args.warmup)
     progress = cli._Progress(total, enabled=True, unit="rounds")
-    found, notes = [], []
+    found = []
     with tempfile.TemporaryDirectory(prefix="wcam-bench-") as cache:  # exported graphs, removed after
         try:
             for name in args.models:
