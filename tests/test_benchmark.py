@@ -119,6 +119,29 @@ def test_bench_command_writes_every_entry(tmp_path, capsys):
     assert result["settings"]["size"] == [64, 96]
     assert result["settings"]["malloc"] == "wcam.tune_malloc"  # the command line's default, recorded
     assert result["machine"]["cores"] >= 1 and result["versions"]["torch"] == torch.__version__
+    assert result["complete"] is True
+
+
+def test_a_bench_cut_short_keeps_the_cases_it_timed(tmp_path, monkeypatch, capsys):
+    """The JSON is rewritten after each case: a run stopped at its second batch size (a time limit, an error)
+    leaves the first one's rows, marked incomplete."""
+    from wcam.benchmark.cases import ModelBench
+
+    timed_case = ModelBench.case
+
+    def case(self, batch, *args, **kwargs):
+        if batch == 2:
+            raise RuntimeError("stopped")
+        return timed_case(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(ModelBench, "case", case)
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--models", "resnet18", "--batches", "1", "2", "--rounds", "1", "--warmup", "0",
+                 "--backends", "eager", "--peers", "--size", "32x32", "--json", str(out)])
+    assert code != 0 and "stopped" in capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and {row["batch"] for row in result["rows"]} == {1}
+    assert any(row["label"] == "wcam winsor p=90, eager" for row in result["rows"])
 
 
 def test_default_backends_compile_at_the_target_batch_only(monkeypatch):

@@ -91,9 +91,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = torch.device(cli._resolve_device(args.device))
     peers = PEERS if args.peers is None else [p for p in PEERS if p.package in args.peers]
     backends, timed, notes = _backends(args.backends, args.batches, device.type)
+    settings = {k: v for k, v in vars(args).items() if k in ("models", "batches", "rounds", "warmup", "size")}
+    settings["backends"], settings["device"] = {str(batch): timed[batch] for batch in args.batches}, str(device)
+    settings["malloc"] = args.malloc  # set by the command line's main
     total = len(args.models) * len(args.batches) * (args.rounds + args.warmup)
     progress = cli._Progress(total, enabled=True, unit="rounds")
     found = []
+
+    def save(complete: bool) -> None:
+        """The JSON of every case timed so far: rewritten after each, so a run cut short keeps its results."""
+        result = as_json(found, targets(found, target_batch(args.batches)), device, list(dict.fromkeys(notes)), settings)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**result, "complete": complete}, indent=1))
+
     with tempfile.TemporaryDirectory(prefix="wcam-bench-") as cache:  # exported graphs, removed after
         try:
             for name in args.models:
@@ -110,6 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     notes += [f"{name}: {note}" for note in case.notes]
                     progress.clear()
                     print(table([r for r in found if r.model == name and r.batch == batch]) + "\n", flush=True)
+                    save(complete=False)
                 notes += [f"{name}: {line}" for line in bench.setup]
         finally:
             progress.close()
@@ -118,10 +129,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(target_lines(met))
     for note in dict.fromkeys(notes):
         print(f"- {note}")
-    settings = {k: v for k, v in vars(args).items() if k in ("models", "batches", "rounds", "warmup", "size")}
-    settings["backends"], settings["device"] = {str(batch): timed[batch] for batch in args.batches}, str(device)
-    settings["malloc"] = args.malloc  # set by the command line's main
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(as_json(found, met, device, list(dict.fromkeys(notes)), settings), indent=1))
+    save(complete=True)
     sys.stderr.write(f"wcam: results written to {args.json}\n")
     return 0
