@@ -153,6 +153,16 @@ def test_winsor_weights_match_reference(count, dtype):
         torch.testing.assert_close(got, TORCH.winsor_weights(scores, p), rtol=0, atol=tol)
 
 
+def test_winsor_weights_over_many_layers():
+    """600 layers: a 1024-wide block, compared 4 columns per step instead of 32 (``TILE``)."""
+    scores = torch.rand(2, 600, generator=torch.Generator().manual_seed(6), dtype=torch.float64).sub(0.2).clamp(min=0)
+    scores[1, 100:300] = scores[1, 99]  # long runs of ties across steps
+    for p in (37.5, 90.0):
+        got = TRITON.winsor_weights(scores, p)
+        for b in range(2):
+            np.testing.assert_allclose(got[b].numpy(), reference_weights(scores[b].numpy(), p), rtol=0, atol=1e-12)
+
+
 def test_winsor_weights_with_a_mask_and_a_tensor_p():
     scores = torch.rand(4, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     mask = torch.arange(30) % 4 != 0

@@ -8,7 +8,9 @@ that ships in Triton's wheel) instead of launching it. Outputs are left uninitia
 checked, not values (the interpreter tests and ``bench/gpu.py`` check those).
 
 Run without ``TRITON_INTERPRET`` (the kernels must be ``JITFunction``s): ``python tests/triton_compile.py
---arch 90``. It prints one JSON object: ``{"arch": 90, "kernels": [[name, signature], ...]}``.
+--arch 90 [--ptxas-info]``. It prints one JSON object: ``{"arch": 90, "triton": version, "kernels": [[name,
+signature, info], ...]}``, ``info`` holding each kernel's registers, spill bytes, shared memory and warps
+with ``--ptxas-info`` (``ptxas -v`` on its PTX), else empty.
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler import CompiledKernel
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
@@ -45,10 +52,10 @@ class CompileOnlyDriver:
 
 
 @contextmanager
-def compile_only(arch: int) -> Iterator[list[tuple[str, str]]]:
+def compile_only(arch: int) -> Iterator[dict[tuple[str, str], CompiledKernel]]:
     """Within: every kernel launch compiles for ``sm_<arch>`` (``warmup=True``) and is not run; yields the
-    list of ``(kernel name, signature with constexpr values)`` compiled so far."""
-    compiled: list[tuple[str, str]] = []
+    kernels compiled so far, by ``(kernel name, signature with constexpr values)``."""
+    compiled: dict[tuple[str, str], CompiledKernel] = {}
     run = JITFunction.run
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
@@ -56,7 +63,7 @@ def compile_only(arch: int) -> Iterator[list[tuple[str, str]]]:
         assert kernel.asm.get("cubin"), f"{self.fn.__name__}: no cubin"
         constants = {self.arg_names[path[0]]: value for path, value in kernel.src.constants.items() if len(path) == 1}
         signature = (f"{k}={constants[k]}" if v == "constexpr" else f"{k}: {v}" for k, v in kernel.src.signature.items())
-        compiled.append((self.fn.__name__, ", ".join(signature)))
+        compiled[(self.fn.__name__, ", ".join(signature))] = kernel
         return kernel
 
     previous = driver._active  # None until a real driver was asked for (none can be, without a GPU)
@@ -67,6 +74,21 @@ def compile_only(arch: int) -> Iterator[list[tuple[str, str]]]:
     finally:
         JITFunction.run = run
         driver.set_active(previous)
+
+
+def ptxas_info(kernel: CompiledKernel) -> dict[str, int]:
+    """Registers per thread and spill bytes of a compiled kernel, from ``ptxas -v`` on its PTX."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    target = re.search(r"^\.target (\S+)", kernel.asm["ptx"], re.M).group(1)
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(kernel.asm["ptx"])
+        info = subprocess.run([str(ptxas), f"-arch={target}", "-v", str(source), "-o", str(Path(folder) / "k.cubin")],
+                              capture_output=True, text=True, check=True).stderr
+    stores, loads = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info).groups()
+    registers = re.search(r"Used (\d+) registers", info).group(1)
+    return {"registers": int(registers), "spill_stores": int(stores), "spill_loads": int(loads),
+            "shared": kernel.metadata.shared, "warps": kernel.metadata.num_warps}
 
 
 def launch_everything() -> None:
@@ -82,6 +104,8 @@ def launch_everything() -> None:
         acts = [torch.randn(2, c, h, w).to(dtype) for c, h, w in shapes]
         maps = kernels.layer_maps(acts, acts)
         kernels.winsor_weights(maps.scores, 90.0)
+    for layers in (53, 120, 300, 1000):  # resnet50, densenet121, resnet152-sized, more: blocks of 64 to 1024 layers
+        kernels.winsor_weights(torch.rand(2, layers, dtype=torch.float32), 90.0)
     for dtype in (torch.float64, torch.float32):  # maps come in the accumulator dtype
         groups = [((7, 9), [0, 2], torch.rand(2, 2, 7, 9, dtype=dtype)), ((1, 1), [1], torch.rand(2, 1, 1, 1, dtype=dtype))]
         weights = torch.rand(2, 3, dtype=dtype)
@@ -100,12 +124,15 @@ def launch_everything() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
+    parser.add_argument("--ptxas-info", action="store_true", help="add each kernel's registers and spills")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run without TRITON_INTERPRET=1: the interpreter does not compile")
     with compile_only(args.arch) as compiled:
         launch_everything()
-    print(json.dumps({"arch": args.arch, "triton": triton.__version__, "kernels": sorted(set(compiled))}))
+    kernels = [[name, signature, ptxas_info(kernel) if args.ptxas_info else {}]
+               for (name, signature), kernel in sorted(compiled.items())]
+    print(json.dumps({"arch": args.arch, "triton": triton.__version__, "kernels": kernels}))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ import triton.language as tl
 
 from wcam.kernels.winsor import check_percentile, layer_mask
 
-BLOCK_J = 32
+# Scores compared per step: a BLOCK_L x BLOCK_J tile of fp64 comparisons, held to 4096 elements (32 per thread
+# of 4 warps): at 32 columns, 1024 layers spilled 3.5 KB per thread on sm_90 (tests/triton_compile.py --ptxas-info)
+TILE = 4096
 
 
 @triton.jit(do_not_specialize=["num_layers"])
@@ -71,5 +73,5 @@ def winsor_weights(scores: Tensor, p: float | Tensor, mask: Tensor | None = None
     scores = scores.contiguous()
     weights = torch.empty_like(scores)
     block = max(triton.next_power_of_2(count), 16)
-    _winsor_kernel[(batch,)](scores, keep, q, weights, count, BLOCK_L=block, BLOCK_J=BLOCK_J)
+    _winsor_kernel[(batch,)](scores, keep, q, weights, count, BLOCK_L=block, BLOCK_J=max(2, min(32, TILE // block)))
     return weights
