@@ -118,6 +118,41 @@ def test_layer_maps_keep_nan_scores_visible():
     assert torch.isnan(TRITON.layer_maps(a, g).scores).all()
 
 
+@pytest.mark.parametrize("layout", ["transposed row", "channels-last column", "transposed 1 x 1"])
+def test_layer_maps_read_single_rows_and_columns_by_their_real_stride(layout):
+    """A size-1 dim's stride is arbitrary: ``B x C x 1 x h`` transposed is ``B x C x h x 1`` with
+    ``stride(3) = h``, and torch calls it contiguous. Its pixels step by ``stride(2)``."""
+    gen = torch.Generator().manual_seed(8)
+    make = {
+        "transposed row": lambda: torch.randn(2, 5, 1, 9, generator=gen, dtype=torch.float64).transpose(2, 3),
+        "channels-last column": lambda: torch.randn(2, 5, 9, 1, generator=gen, dtype=torch.float64).to(
+            memory_format=torch.channels_last),
+        "transposed 1 x 1": lambda: torch.randn(2, 5, 1, 1, generator=gen, dtype=torch.float64).transpose(2, 3),
+    }[layout]
+    acts, grads = [make(), make()], [make() + 0.3, make() - 0.1]
+    got, expected = TRITON.layer_maps(acts, grads), TORCH.layer_maps(acts, grads)
+    torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=1e-12)
+    for size, (indices, maps) in expected.groups.items():
+        assert got.groups[size][0] == indices
+        torch.testing.assert_close(got.groups[size][1], maps, rtol=0, atol=1e-12)
+    for i, (a, g) in enumerate(zip(acts, grads)):
+        for b in range(2):
+            ref_map, ref_score = _reference_layer(a[b].numpy(), g[b].numpy())
+            np.testing.assert_allclose(_maps_by_layer(got)[i][b].numpy(), ref_map, rtol=0, atol=1e-12)
+
+
+def test_layer_maps_blank_a_map_holding_nan_as_the_torch_path_does():
+    """A NaN in an activation: the torch path's min-max normalisation makes that map all zeros (NaN compares
+    false), and so must the kernels (a GPU's max would drop the NaN and normalise the rest)."""
+    gen = torch.Generator().manual_seed(9)
+    a, g = torch.rand(2, 3, 4, 5, generator=gen), torch.rand(2, 3, 4, 5, generator=gen)
+    a[0, 0, 1, 1] = float("nan")
+    got, expected = TRITON.layer_maps([a], [g]), TORCH.layer_maps([a], [g])
+    maps = got.groups[(4, 5)][1]
+    assert torch.equal(maps[0], torch.zeros_like(maps[0])) and bool((maps[1] > 0).any())
+    torch.testing.assert_close(maps, expected.groups[(4, 5)][1], rtol=0, atol=1e-6)
+
+
 def test_layer_maps_refuse_mixed_inputs():
     a, g = [torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3).double()], [torch.randn(1, 4, 3, 3)] * 2
     with pytest.raises(TypeError, match="one dtype"):
@@ -325,3 +360,23 @@ def test_kernel_choice_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         select_kernels("triton", torch.device("cpu"))
+
+
+def test_every_triton_launch_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on torch's current CUDA device: each entry point makes its tensors' device current
+    (an engine on ``cuda:1`` would otherwise launch on GPU 0 with pointers into GPU 1's memory)."""
+    import wcam.kernels.dispatch as dispatch
+
+    seen: list[torch.device] = []
+    real = dispatch.on_device
+    monkeypatch.setattr(dispatch, "on_device", lambda device: seen.append(device) or real(device))
+    acts, grads = _layers("batch1", torch.float32)
+    maps = TRITON.layer_maps(acts, grads)
+    weights = TRITON.winsor_weights(maps.scores, 90.0)
+    star, _, _ = TRITON.weighted_sum([(size, idx, m) for size, (idx, m) in maps.groups.items()], weights, (9, 8), "bilinear")
+    TRITON.render(star, (9, 8), "bilinear")
+    TRITON.render(star, (9, 8), "bilinear", frames=torch.zeros(1, 9, 8, 3, dtype=torch.uint8),
+                  lut=torch.from_numpy(TURBO_LUT.copy()))
+    assert seen == [torch.device("cpu")] * 5
+    guard = real(torch.device("cuda", 1))  # not entered: no GPU here
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1

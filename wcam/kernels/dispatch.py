@@ -8,6 +8,7 @@ engine through the Triton kernels on a CPU, through Triton's interpreter (for te
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Iterable, Sequence
@@ -83,15 +84,18 @@ class TritonKernels(TorchKernels):
         self._maps, self._resample, self._winsor = maps_op, resample_op, winsor_op
 
     def layer_maps(self, activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> LayerMaps:
-        return self._maps.layer_maps(activations, gradients)
+        with on_device(activations[0].device if activations else None):
+            return self._maps.layer_maps(activations, gradients)
 
     def winsor_weights(self, scores: Tensor, p: float | Tensor, mask: Tensor | None = None) -> Tensor:
-        return self._winsor.winsor_weights(scores, p, mask)
+        with on_device(scores.device):
+            return self._winsor.winsor_weights(scores, p, mask)
 
     def weighted_sum(
         self, groups: Groups, weights: Tensor, out_size: tuple[int, int], interpolation: str
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return self._resample.weighted_sum(groups, weights, out_size, interpolation)
+        with on_device(weights.device):
+            return self._resample.weighted_sum(groups, weights, out_size, interpolation)
 
     def render(
         self,
@@ -103,11 +107,18 @@ class TritonKernels(TorchKernels):
         lut: Tensor | None = None,
         out: Tensor | YUVFrames | None = None,
     ) -> Tensor | YUVFrames:
-        if frames is None:
-            return self._resample.render(star, out_size, interpolation)
-        planes, colours, targets, result = _blend_target(star, out_size, frames, lut, out)
-        self._resample.blend(star, out_size, interpolation, planes, colours, alpha, targets)
-        return result
+        with on_device(star.device):
+            if frames is None:
+                return self._resample.render(star, out_size, interpolation)
+            planes, colours, targets, result = _blend_target(star, out_size, frames, lut, out)
+            self._resample.blend(star, out_size, interpolation, planes, colours, alpha, targets)
+            return result
+
+
+def on_device(device: torch.device | None) -> contextlib.AbstractContextManager:
+    """Triton launches on torch's current CUDA device and stream: for tensors on another GPU (an engine on
+    ``cuda:1``) that device is made current for the launches, as torch's own ops do for their tensors."""
+    return torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
 
 
 def _blend_target(

@@ -6,7 +6,7 @@
    ``M[b, uv] = max(sum_k alpha[b, k] A[b, k, uv], 0)`` and, from the program holding pixel 0,
    ``s[b] = max((1 / C) sum_k alpha[b, k], 0)``.
 3. ``_normalize_kernel``, one program per (image, layer): ``M <- (M - min M) / (max M - min M)``, or 0 for a
-   constant map.
+   constant map or one holding NaN.
 
 Activations and gradients are read in place in fp16, bf16, fp32 or fp64 and accumulated in fp32 (fp64 for
 fp64). Any layout whose (h, w) plane has one pixel stride (NCHW, channels-last) is read as it is, so the
@@ -106,7 +106,7 @@ def _layer_cam_kernel(table, work, alpha, alpha_stride, scores, num_layers, DT: 
         alpha_sum += a_k
     cam = tl.sum(acc, axis=0)
     out = tl.load(row + 10).to(tl.pointer_type(acc_type)) + b * tl.load(row + 11)
-    tl.store(out + pix, tl.where(cam > 0, cam, 0.0), mask=pmask)
+    tl.store(out + pix, tl.where(cam < 0, 0.0, cam), mask=pmask)  # ReLU; NaN stays NaN, as torch's
     if p0 == 0:
         score = tl.sum(alpha_sum, axis=0) / channels.to(acc_type)
         tl.store(scores + b * num_layers + layer, tl.where(score < 0, 0.0, score))  # NaN stays NaN
@@ -114,7 +114,7 @@ def _layer_cam_kernel(table, work, alpha, alpha_stride, scores, num_layers, DT: 
 
 @triton.jit
 def _normalize_kernel(table, ACC: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.constexpr):
-    """Min-max normalise one (image, layer) map in place; a constant map becomes zeros."""
+    """Min-max normalise one (image, layer) map in place; a constant map, or one holding NaN, becomes zeros."""
     layer = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     row = table + layer * FIELDS
@@ -122,14 +122,17 @@ def _normalize_kernel(table, ACC: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.
     out = tl.load(row + 10).to(tl.pointer_type(ACC)) + b * tl.load(row + 11)
     low = tl.full([BLOCK], float("inf"), ACC)
     high = tl.full([BLOCK], float("-inf"), ACC)
+    nan = tl.zeros([BLOCK], tl.int32)
     for start in range(0, hw, BLOCK):
         pix = start + tl.arange(0, BLOCK)
         m = pix < hw
         v = tl.load(out + pix, mask=m, other=0.0)
         low = tl.minimum(low, tl.where(m, v, float("inf")))
         high = tl.maximum(high, tl.where(m, v, float("-inf")))
+        nan += (v != v).to(tl.int32)
     lo = tl.min(low, axis=0)
-    spread = tl.max(high, axis=0) - lo
+    # a map holding NaN becomes zeros, as in the torch path (a GPU's min and max skip NaN, numpy's keep it)
+    spread = tl.where(tl.sum(nan, axis=0) > 0, 0.0, tl.max(high, axis=0) - lo)
     for start in range(0, hw, BLOCK):
         pix = start + tl.arange(0, BLOCK)
         m = pix < hw
@@ -152,9 +155,17 @@ def _check(activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> torch.
     return first.dtype
 
 
-def _one_pixel_stride(x: Tensor) -> Tensor:
-    """``x`` itself if pixel (u, v) sits at ``(u * w + v) * stride(3)`` in each channel, else a contiguous copy."""
-    return x if x.shape[2] == 1 or x.stride(2) == x.shape[3] * x.stride(3) else x.contiguous()
+def _one_pixel_stride(x: Tensor) -> tuple[Tensor, int]:
+    """``(x, s)`` with pixel (u, v) of each channel at ``(u * w + v) * s``: ``x`` itself where its layout
+    allows, else a contiguous copy. A size-1 dim's stride says nothing (torch ignores it, and calls a
+    ``B x C x h x 1`` transposed view contiguous), so a single column steps by ``stride(2)``."""
+    h, w = x.shape[2:]
+    if w == 1:
+        return x, x.stride(2)
+    if h == 1 or x.stride(2) == w * x.stride(3):
+        return x, x.stride(3)
+    x = x.contiguous()
+    return x, x.stride(3)
 
 
 def layer_maps(activations: Sequence[Tensor], gradients: Sequence[Tensor], blocks: Blocks = Blocks()) -> LayerMaps:
@@ -162,9 +173,9 @@ def layer_maps(activations: Sequence[Tensor], gradients: Sequence[Tensor], block
     dtype = _check(activations, gradients)
     acc = accumulator(dtype)
     batch, device = activations[0].shape[0], activations[0].device
-    readable = [(_one_pixel_stride(a), _one_pixel_stride(g)) for a, g in zip(activations, gradients)]  # alive until launched
+    readable = [(*_one_pixel_stride(a), *_one_pixel_stride(g)) for a, g in zip(activations, gradients)]  # alive until launched
     members: dict[tuple[int, int], list[int]] = {}
-    for index, (a, _) in enumerate(readable):
+    for index, (a, *_) in enumerate(readable):
         members.setdefault(tuple(a.shape[-2:]), []).append(index)
     rows = np.empty((len(readable), _FIELDS), dtype=np.int64)
     groups = {}
@@ -173,9 +184,9 @@ def layer_maps(activations: Sequence[Tensor], gradients: Sequence[Tensor], block
         groups[(h, w)] = (indices, maps)
         rows[indices, 10] = maps.data_ptr() + np.arange(len(indices)) * (h * w * maps.element_size())
         rows[indices, 11] = maps.stride(0)
-    for index, (a, g) in enumerate(readable):
+    for index, (a, a_pixel, g, g_pixel) in enumerate(readable):
         rows[index, :10] = (a.data_ptr(), g.data_ptr(), a.shape[1], a.shape[2] * a.shape[3], a.stride(0),
-                            a.stride(1), a.stride(3), g.stride(0), g.stride(1), g.stride(3))
+                            a.stride(1), a_pixel, g.stride(0), g.stride(1), g_pixel)
     rows[:, 12] = np.cumsum(rows[:, 2]) - rows[:, 2]  # each layer's first column in alpha
     channel_items = work_items(rows[:, 2], blocks.weights_c)
     pixel_items = work_items(rows[:, 3], blocks.map_hw)

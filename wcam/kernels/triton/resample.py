@@ -34,16 +34,27 @@ BLOCK = 256
 
 
 @triton.jit
+def _ratio(a, b):
+    """``a / b`` rounded as IEEE division: ``div_rn`` in fp32 (fp64 division is IEEE already)."""
+    if a.dtype == tl.float32:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
 def _sample(src, h, w, y, x, out_h, out_w, m, NEAREST: tl.constexpr):
     """Values of the h x w map at ``src`` resampled to out_h x out_w, at output pixels (y, x)."""
+    # the scales are divided with IEEE rounding (_ratio), as torch does on the host: a GPU's default fp32
+    # division is 2 ulp off, enough to move floor(i * scale) to the next source row where i * scale is whole
     if NEAREST:
-        sy = tl.minimum((y.to(tl.float32) * (h.to(tl.float32) / out_h.to(tl.float32))).to(tl.int64), h - 1)
-        sx = tl.minimum((x.to(tl.float32) * (w.to(tl.float32) / out_w.to(tl.float32))).to(tl.int64), w - 1)
+        sy = tl.minimum((y.to(tl.float32) * _ratio(h.to(tl.float32), out_h.to(tl.float32))).to(tl.int64), h - 1)
+        sx = tl.minimum((x.to(tl.float32) * _ratio(w.to(tl.float32), out_w.to(tl.float32))).to(tl.int64), w - 1)
         value = tl.load(src + sy * w + sx, mask=m, other=0.0)
     else:
         acc = src.dtype.element_ty
-        fy = tl.maximum((y.to(acc) + 0.5) * (h.to(acc) / out_h.to(acc)) - 0.5, 0.0)
-        fx = tl.maximum((x.to(acc) + 0.5) * (w.to(acc) / out_w.to(acc)) - 0.5, 0.0)
+        fy = tl.maximum((y.to(acc) + 0.5) * _ratio(h.to(acc), out_h.to(acc)) - 0.5, 0.0)
+        fx = tl.maximum((x.to(acc) + 0.5) * _ratio(w.to(acc), out_w.to(acc)) - 0.5, 0.0)
         y0 = fy.to(tl.int64)
         x0 = fx.to(tl.int64)
         y1 = y0 + (y0 < h - 1).to(tl.int64)
@@ -97,8 +108,9 @@ def _upsample_kernel(star, star_h, star_w, sums, out_h, out_w, stats, WRITE: tl.
     b, pix, m, v = _output_tile(star, star_h, star_w, out_h, out_w, NEAREST, BLOCK)
     if WRITE:
         tl.store(sums + b * out_h * out_w + pix, v, mask=m)
-    tl.atomic_min(stats + 2 * b, tl.min(tl.where(m, v, float("inf")), axis=0))
-    tl.atomic_max(stats + 2 * b + 1, tl.max(tl.where(m, v, float("-inf")), axis=0))
+    # relaxed: only atomicity is needed here, the next launch reads the result (acq_rel would fence each one)
+    tl.atomic_min(stats + 2 * b, tl.min(tl.where(m, v, float("inf")), axis=0), sem="relaxed")
+    tl.atomic_max(stats + 2 * b + 1, tl.max(tl.where(m, v, float("-inf")), axis=0), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["star_h", "star_w", "out_h", "out_w"])
