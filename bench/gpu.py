@@ -126,7 +126,8 @@ def check_kernels(report: Report, args, device: torch.device) -> None:
     report.line("## 1. Triton kernels vs the torch path on the GPU")
     report.line(f"Batch {args.check_batch}, {args.size}x{args.size}, p = 90, bilinear. Max abs difference; pass at 1e-3 "
                 "(both paths read the same inputs and accumulate in fp32, so only summation order differs).")
-    report.table(["model", "dtype", "layers", "layer maps", "scores", "weights", "heatmaps", "pass"])
+    report.line("'CL maps': the Triton layer maps from channels-last copies of the same activations and gradients.")
+    report.table(["model", "dtype", "layers", "layer maps", "scores", "weights", "heatmaps", "CL maps", "pass"])
     torch_k, triton_k = TorchKernels(), TritonKernels()
     for name in args.models:
         for label, dtype in DTYPES.items():
@@ -137,9 +138,11 @@ def check_kernels(report: Report, args, device: torch.device) -> None:
             acts, grads = capture(model, engine.layers, images)
             maps_t, (w_t, _, _, heat_t) = cam_maths(torch_k, acts, grads, (args.size, args.size))
             maps_k, (w_k, _, _, heat_k) = cam_maths(triton_k, acts, grads, (args.size, args.size))
+            maps_cl = triton_k.layer_maps(*([x.contiguous(memory_format=torch.channels_last) for x in xs] for xs in (acts, grads)))
             map_diff = max(float((maps_t.groups[s][1] - maps_k.groups[s][1]).abs().max()) for s in maps_t.groups)
+            cl_diff = max(float((maps_t.groups[s][1] - maps_cl.groups[s][1]).abs().max()) for s in maps_t.groups)
             diffs = [map_diff, float((maps_t.scores - maps_k.scores).abs().max()),
-                     float((w_t - w_k).abs().max()), float((heat_t - heat_k).abs().max())]
+                     float((w_t - w_k).abs().max()), float((heat_t - heat_k).abs().max()), cl_diff]
             ok = all(d <= 1e-3 for d in diffs)
             report.row([name, label, len(acts), *(f"{d:.1e}" for d in diffs), "yes" if ok else "NO"],
                        section="check", model=name, dtype=label, diffs=diffs, ok=ok)
@@ -152,8 +155,11 @@ def time_kernels(report: Report, args, device: torch.device, clock: Clock, copy_
     report.line("## 2. CAM maths: Triton kernels vs torch path, and vs the backbone")
     report.line(f"Device-to-device copy: {copy_gbs:.0f} GB/s (bytes read + written). 'maps GB/s' counts the bytes "
                 "of every activation and gradient the layer-map kernels read once.")
+    report.line("'CL': the same layer maps from channels-last copies of the activations and gradients (what a model "
+                "converted to channels-last produces), Triton and torch: the kernels read pixels with a runtime "
+                "stride, one pixel per thread, so there their loads are not coalesced.")
     report.table(["model", "dtype", "batch", "fwd+bwd ms", "torch CAM ms", "Triton CAM ms", "speed-up",
-                  "CAM / fwd+bwd", "Triton maps ms", "maps GB/s", "% of copy"])
+                  "CAM / fwd+bwd", "Triton maps ms", "maps GB/s", "% of copy", "Triton CL maps ms", "torch CL maps ms"])
     torch_k, triton_k = TorchKernels(), TritonKernels()
     for name in args.models:
         for label, dtype in DTYPES.items():
@@ -166,21 +172,24 @@ def time_kernels(report: Report, args, device: torch.device, clock: Clock, copy_
                     continue
                 images = torch.randn(batch, 3, args.size, args.size, device=device, dtype=dtype)
                 acts, grads = capture(model, layers, images)
+                acts_cl, grads_cl = ([x.contiguous(memory_format=torch.channels_last) for x in xs] for xs in (acts, grads))
                 size = (args.size, args.size)
                 t = clock.compare({
                     "floor": lambda: bare(images),
                     "torch": lambda: cam_maths(torch_k, acts, grads, size),
                     "triton": lambda: cam_maths(triton_k, acts, grads, size),
                     "maps": lambda: triton_k.layer_maps(acts, grads),
+                    "maps_cl": lambda: triton_k.layer_maps(acts_cl, grads_cl),
+                    "torch_maps_cl": lambda: torch_k.layer_maps(acts_cl, grads_cl),
                 }, rounds=args.rounds)
                 nbytes = sum(a.numel() * a.element_size() + g.numel() * g.element_size() for a, g in zip(acts, grads))
                 gbs = nbytes / t["maps"] / 1e9
                 report.row([name, label, batch, f"{t['floor'] * 1e3:.2f}", f"{t['torch'] * 1e3:.2f}",
                             f"{t['triton'] * 1e3:.2f}", f"{t['torch'] / t['triton']:.1f}x",
                             f"{t['triton'] / t['floor']:.1%}", f"{t['maps'] * 1e3:.2f}", f"{gbs:.0f}",
-                            f"{gbs / copy_gbs:.0%}"],
+                            f"{gbs / copy_gbs:.0%}", f"{t['maps_cl'] * 1e3:.2f}", f"{t['torch_maps_cl'] * 1e3:.2f}"],
                            section="kernels", model=name, dtype=label, batch=batch, seconds=t, bytes=nbytes)
-                del acts, grads, images
+                del acts, grads, acts_cl, grads_cl, images
             del model
             report.save()
 
