@@ -9,8 +9,9 @@ checked, not values (the interpreter tests and ``bench/gpu.py`` check those).
 
 Run without ``TRITON_INTERPRET`` (the kernels must be ``JITFunction``s): ``python tests/triton_compile.py
 --arch 90 [--ptxas-info]``. It prints one JSON object: ``{"arch": 90, "triton": version, "kernels": [[name,
-signature, info], ...]}``, ``info`` holding each kernel's registers, spill bytes, shared memory and warps
-with ``--ptxas-info`` (``ptxas -v`` on its PTX), else empty.
+signature, info], ...]}``, ``info`` holding the kernel's approximate divisions (``div.full`` or ``div.approx``
+in its PTX, where torch rounds as IEEE: ``wcam.kernels.triton.ieee``) and, with ``--ptxas-info``, its
+registers, spill bytes, shared memory and warps (``ptxas -v`` on its PTX).
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def compile_only(arch: int) -> Iterator[dict[tuple[str, str], CompiledKernel]]:
         driver.set_active(previous)
 
 
+def approximate_divisions(kernel: CompiledKernel) -> int:
+    """How many divisions in the kernel's PTX are not IEEE-rounded (``div.full.f32``, ``div.approx.f32``)."""
+    return len(re.findall(r"\bdiv\.(?:full|approx)\.", kernel.asm["ptx"]))
+
+
 def ptxas_info(kernel: CompiledKernel) -> dict[str, int]:
     """Registers per thread and spill bytes of a compiled kernel, from ``ptxas -v`` on its PTX."""
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -130,7 +136,8 @@ def main() -> None:
         sys.exit("run without TRITON_INTERPRET=1: the interpreter does not compile")
     with compile_only(args.arch) as compiled:
         launch_everything()
-    kernels = [[name, signature, ptxas_info(kernel) if args.ptxas_info else {}]
+    kernels = [[name, signature, {"approximate_divisions": approximate_divisions(kernel),
+                                  **(ptxas_info(kernel) if args.ptxas_info else {})}]
                for (name, signature), kernel in sorted(compiled.items())]
     print(json.dumps({"arch": args.arch, "triton": triton.__version__, "kernels": kernels}))
 

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from wcam.kernels.layer_maps import LayerMaps
+from wcam.kernels.triton.ieee import divide, min_max_scaled
 from wcam.kernels.triton.tables import accumulator, triton_type, upload, work_items
 
 # One row of the layer table, as the kernels read it: 0 activation address, 1 gradient address, 2 channels,
@@ -72,7 +73,7 @@ def _channel_weights_kernel(table, work, alpha, alpha_stride, DT: tl.constexpr, 
         pix = start + tl.arange(0, BLOCK_HW)
         g = tl.load(base + pix[None, :] * s_pix, mask=kmask[:, None] & (pix < hw)[None, :], other=0.0)
         acc += g.to(acc_type)
-    mean = tl.sum(acc, axis=1) / hw.to(acc_type)
+    mean = divide(tl.sum(acc, axis=1), hw.to(acc_type))
     tl.store(alpha + b * alpha_stride + tl.load(row + 12) + ks, mean, mask=kmask)
 
 
@@ -108,7 +109,7 @@ def _layer_cam_kernel(table, work, alpha, alpha_stride, scores, num_layers, DT: 
     out = tl.load(row + 10).to(tl.pointer_type(acc_type)) + b * tl.load(row + 11)
     tl.store(out + pix, tl.where(cam < 0, 0.0, cam), mask=pmask)  # ReLU; NaN stays NaN, as torch's
     if p0 == 0:
-        score = tl.sum(alpha_sum, axis=0) / channels.to(acc_type)
+        score = divide(tl.sum(alpha_sum, axis=0), channels.to(acc_type))
         tl.store(scores + b * num_layers + layer, tl.where(score < 0, 0.0, score))  # NaN stays NaN
 
 
@@ -137,7 +138,7 @@ def _normalize_kernel(table, ACC: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.
         pix = start + tl.arange(0, BLOCK)
         m = pix < hw
         v = tl.load(out + pix, mask=m, other=0.0)
-        tl.store(out + pix, tl.where(spread > 0, (v - lo) / tl.where(spread > 0, spread, 1.0), 0.0), mask=m)
+        tl.store(out + pix, min_max_scaled(v, lo, spread), mask=m)
 
 
 def _check(activations: Sequence[Tensor], gradients: Sequence[Tensor]) -> torch.dtype:

@@ -28,33 +28,24 @@ import triton
 import triton.language as tl
 
 from wcam.kernels.resample import INTERPOLATIONS
+from wcam.kernels.triton.ieee import divide, min_max_scaled
 from wcam.kernels.triton.tables import upload
 
 BLOCK = 256
 
 
 @triton.jit
-def _ratio(a, b):
-    """``a / b`` rounded as IEEE division: ``div_rn`` in fp32 (fp64 division is IEEE already)."""
-    if a.dtype == tl.float32:
-        return tl.div_rn(a, b)
-    else:
-        return a / b
-
-
-@triton.jit
 def _sample(src, h, w, y, x, out_h, out_w, m, NEAREST: tl.constexpr):
     """Values of the h x w map at ``src`` resampled to out_h x out_w, at output pixels (y, x)."""
-    # the scales are divided with IEEE rounding (_ratio), as torch does on the host: a GPU's default fp32
-    # division is 2 ulp off, enough to move floor(i * scale) to the next source row where i * scale is whole
+    # the scales are divided with IEEE rounding, as torch divides them on the host (see wcam.kernels.triton.ieee)
     if NEAREST:
-        sy = tl.minimum((y.to(tl.float32) * _ratio(h.to(tl.float32), out_h.to(tl.float32))).to(tl.int64), h - 1)
-        sx = tl.minimum((x.to(tl.float32) * _ratio(w.to(tl.float32), out_w.to(tl.float32))).to(tl.int64), w - 1)
+        sy = tl.minimum((y.to(tl.float32) * divide(h.to(tl.float32), out_h.to(tl.float32))).to(tl.int64), h - 1)
+        sx = tl.minimum((x.to(tl.float32) * divide(w.to(tl.float32), out_w.to(tl.float32))).to(tl.int64), w - 1)
         value = tl.load(src + sy * w + sx, mask=m, other=0.0)
     else:
         acc = src.dtype.element_ty
-        fy = tl.maximum((y.to(acc) + 0.5) * _ratio(h.to(acc), out_h.to(acc)) - 0.5, 0.0)
-        fx = tl.maximum((x.to(acc) + 0.5) * _ratio(w.to(acc), out_w.to(acc)) - 0.5, 0.0)
+        fy = tl.maximum((y.to(acc) + 0.5) * divide(h.to(acc), out_h.to(acc)) - 0.5, 0.0)
+        fx = tl.maximum((x.to(acc) + 0.5) * divide(w.to(acc), out_w.to(acc)) - 0.5, 0.0)
         y0 = fy.to(tl.int64)
         x0 = fx.to(tl.int64)
         y1 = y0 + (y0 < h - 1).to(tl.int64)
@@ -125,7 +116,7 @@ def _normalised(v, stats, b):
     """``(v - min) / (max - min)`` with image b's min and max, 0 for a constant map."""
     low = tl.load(stats + 2 * b)
     spread = tl.load(stats + 2 * b + 1) - low
-    return tl.where(spread > 0, (v - low) / tl.where(spread > 0, spread, 1.0), 0.0)
+    return min_max_scaled(v, low, spread)
 
 
 @triton.jit(do_not_specialize=["star_h", "star_w", "out_h", "out_w", "plane_h", "plane_w", "src_stride", "dst_stride", "alpha"])

@@ -16,6 +16,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from wcam.kernels.triton.ieee import divide
 from wcam.kernels.winsor import check_percentile, layer_mask
 
 # Scores compared per step: a BLOCK_L x BLOCK_J tile of fp64 comparisons, held to 4096 elements (32 per thread
@@ -51,7 +52,7 @@ def _winsor_kernel(scores, mask, q, weights, num_layers, BLOCK_L: tl.constexpr, 
     t = tl.where(positive, tl.minimum(s, tau), 0.0)
     t_min = tl.min(tl.where(positive, t, float("inf")), axis=0)
     spread = tl.max(tl.where(positive, t, float("-inf")), axis=0) - t_min
-    scaled = 0.1 + 0.9 * (t - t_min) / tl.where(spread > 0, spread, 1.0)
+    scaled = 0.1 + divide(0.9 * (t - t_min), tl.where(spread > 0, spread, 1.0))
     w = tl.where(positive, tl.where(spread > 0, scaled, 1.0), 0.0)
     tl.store(weights + b * num_layers + i, w.to(weights.dtype.element_ty), mask=valid)
 
