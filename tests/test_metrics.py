@@ -16,6 +16,7 @@ from torch import nn
 
 from wcam.metrics import (
     binarise,
+    blur_kernel,
     blurred,
     box_masks,
     centre_of_mass,
@@ -248,14 +249,73 @@ def test_insertion_and_deletion_by_hand():
     assert deletion_auc(model, IMAGE, HEAT, 0, steps=4).tolist() == pytest.approx([0.2625], abs=1e-7)
 
 
-def test_insertion_default_baseline_is_the_blurred_image():
+@pytest.mark.parametrize("size, sigma", [(11, 5.0), (7, 2.0), (51, math.sqrt(50))])
+def test_blur_kernel_is_scipy_gaussian_filter_of_a_delta(size, sigma):
+    """RISE's gkern, independently: scipy's own gaussian_filter on a centred delta (11/5: RISE's insertion;
+    7/2: a kernel that fits its window; 51/sqrt(50): a common larger choice)."""
+    from scipy.ndimage import gaussian_filter
+
+    delta = np.zeros((size, size))
+    delta[size // 2, size // 2] = 1.0
+    np.testing.assert_allclose(blur_kernel(size, sigma).numpy(), gaussian_filter(delta, sigma), rtol=0, atol=1e-15)
+
+
+def test_insertion_default_baseline_is_rises_blur():
+    """RISE's substrate: conv2d with the 3 x 3 x 11 x 11 float32 kernel (gkern on the diagonal), zero padding 5."""
+    from scipy.ndimage import gaussian_filter
+
+    delta = np.zeros((11, 11))
+    delta[5, 5] = 1.0
+    kernel = np.zeros((3, 3, 11, 11))
+    for c in range(3):
+        kernel[c, c] = gaussian_filter(delta, 5.0)
+    image = torch.rand(2, 3, 16, 13, generator=torch.Generator().manual_seed(0))
+    expected = nn.functional.conv2d(image.double(), torch.from_numpy(kernel.astype(np.float32)).double(), padding=5)
+    assert (blurred(image).double() - expected).abs().max().item() <= 1e-6  # float32 sums of 121 products <= 1
+    flat = torch.full((1, 3, 16, 16), 0.25)
+    assert blurred(flat)[0, :, 8, 8].tolist() == pytest.approx([0.25] * 3, abs=1e-6)  # inside: kernel sums to 1
+    assert blurred(flat)[0, 0, 0, 0].item() == pytest.approx(0.25 * blur_kernel()[5:, 5:].sum().item(), abs=1e-6)
     model = MeanOfFirstChannel()
-    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    heat = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(1))
+    heat = torch.rand(2, 16, 13, generator=torch.Generator().manual_seed(1))
     default = insertion_curve(model, image, heat, 0, steps=5)
     assert torch.equal(default, insertion_curve(model, image, heat, 0, steps=5, baseline=blurred(image)))
-    flat = torch.full((1, 3, 16, 16), 0.25)
-    assert torch.allclose(blurred(flat), flat)  # reflect padding: a constant image stays constant
+    assert blurred(image[:, :, :3, :2]).shape == (2, 3, 3, 2)  # zero padding: any size has a blurred copy
+
+
+class Recorder(nn.Module):
+    """Logits from the mean of all channels; keeps every input it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        mean = x.mean(dim=(1, 2, 3)) * self.scale
+        return torch.stack([mean, -mean], dim=1)
+
+
+@pytest.mark.parametrize("curve", [insertion_curve, deletion_curve])
+def test_each_step_moves_all_channels_of_the_hottest_pixels(curve):
+    """At step k the floor(k N / steps) hottest pixels hold the image's values in all three channels (the
+    others the baseline's): a channel left behind or a pixel out of order fails."""
+    image = torch.rand(1, 3, 5, 4, generator=torch.Generator().manual_seed(2))
+    baseline = image + 10.0
+    heat = torch.rand(1, 5, 4, generator=torch.Generator().manual_seed(3))
+    model = Recorder()
+    curve(model, image, heat, 0, steps=6, baseline=baseline, batch_size=100)
+    steps = torch.cat(model.seen)
+    assert steps.shape == (7, 3, 5, 4)
+    hottest = heat.flatten().argsort(descending=True)
+    for k, x in enumerate(steps):
+        from_image = (x == image[0]).flatten(1)  # 3 x N
+        assert ((x == image[0]) | (x == baseline[0])).all()
+        assert (from_image.all(dim=0) == from_image.any(dim=0)).all(), f"step {k}: channels apart"
+        count = k * 20 // 6 if curve is insertion_curve else 20 - k * 20 // 6
+        moved = set(hottest[: k * 20 // 6].tolist())
+        expected = moved if curve is insertion_curve else set(range(20)) - moved
+        assert set(from_image[0].nonzero().flatten().tolist()) == expected and len(expected) == count
 
 
 def test_degenerate_heatmaps_use_row_major_order():
@@ -320,7 +380,6 @@ def test_faithfulness_batched_equals_per_image_and_restores_training_flags():
         (lambda m: deletion_auc(m, IMAGE, HEAT, 0, baseline=torch.zeros(3, 2, 2)), "baseline"),
         (lambda m: confidence_change(m, IMAGE, -HEAT, 0), "non-negative"),
         (lambda m: confidence_change(m, IMAGE, HEAT * 3 + 1, 0), "normalised to"),
-        (lambda m: insertion_auc(m, IMAGE, HEAT, 0), "at least 6 x 6"),
     ],
 )
 def test_faithfulness_argument_errors(call, message):

@@ -4,6 +4,7 @@ ground-truth masks (:mod:`wcam.metrics.localisation`) and faithfulness to the mo
 
 from wcam.metrics.faithfulness import (
     ConfidenceChange,
+    blur_kernel,
     blurred,
     confidence_change,
     curve_auc,
@@ -28,6 +29,7 @@ from wcam.metrics.localisation import (
 __all__ = [
     "ConfidenceChange",
     "binarise",
+    "blur_kernel",
     "blurred",
     "box_masks",
     "centre_of_mass",
