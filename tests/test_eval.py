@@ -362,8 +362,8 @@ def test_eval_demo_command(tmp_path, capsys):
 def test_winsor_beats_a_random_heatmap_on_insertion_and_deletion():
     """The sanity check on real photos: the pretrained Lite0 and the five packaged demo photos, Winsor-CAM at
     p = 90 against the smooth random floor of ``wcam eval`` averaged over three seeds (one draw is noisy: its
-    deletion AUC varies by 0.08 between seeds), 8 steps. Measured: insertion 0.608 vs 0.442 (seeds: 0.436, 0.467,
-    0.425), deletion 0.255 vs 0.291 (0.257, 0.341, 0.273). Pixel-wise i.i.d. noise would be no such floor:
+    deletion AUC varies by 0.08 between seeds), 8 steps. Measured: insertion 0.628 vs 0.436 (seeds: 0.435, 0.472,
+    0.401), deletion 0.255 vs 0.291 (0.257, 0.341, 0.273). Pixel-wise i.i.d. noise would be no such floor:
     scattered deletions kill the class faster than any map (deletion 0.22 at 16 steps, below Winsor-CAM's 0.25)."""
     from wcam import Engine
 
