@@ -352,8 +352,11 @@ def test_stream_frames_of_mixed_kinds_are_named(tiny):
 # ------------------------------------------------------------------ p, method, interpolation
 
 
-BAD_P = [-1.0, -1e-9, 100.0001, 1e9, math.nan, math.inf, "90", None, [50.0], True]
-BAD_P_IDS = ["-1", "-tiny", "100+", "huge", "nan", "inf", "str", "none", "list", "bool"]
+# tensors too: with_p took a tensor p into the graph-input path, clamping 150 to 100 and failing on NaN with
+# "index -9223372036854775808 is out of bounds"
+BAD_P = [-1.0, -1e-9, 100.0001, 1e9, math.nan, math.inf, "90", None, [50.0], True, torch.tensor(math.nan),
+         torch.tensor(150.0)]
+BAD_P_IDS = ["-1", "-tiny", "100+", "huge", "nan", "inf", "str", "none", "list", "bool", "tensor-nan", "tensor-150"]
 
 
 @pytest.mark.parametrize("p", BAD_P, ids=BAD_P_IDS)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from wcam.engine.layers import as_index, select_layers
-from wcam.kernels import LayerMaps
+from wcam.kernels import LayerMaps, check_percentile
 from wcam.kernels.dispatch import TorchKernels
 from wcam.kernels.transfer import to_device
 
@@ -162,6 +162,7 @@ class Explanation:
         ``slice(10, 40)`` for a contiguous range, or names or indices); winsorisation then runs over that
         subset only, exactly as if only those layers had been explained.
         """
+        p = check_percentile(p)  # a number: a tensor p is the exported graph's input, clamped, never checked
         selected = self.selected_layers if layers is None else select_layers(self.layer_names, layers)
         return Explanation.build(
             self.layer_maps,
