@@ -61,8 +61,10 @@ def test_otsu_by_hand_and_against_skimage():
     # two levels: every split between them has the same variance; the first (after bin 0) wins: t = 0.5 / 256
     two = batch([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     assert otsu_threshold(two).tolist() == [0.5 / 256]
-    # a constant map's threshold is its value, so nothing is above it
+    assert float(threshold_otsu(two[0].numpy())) == 0.5 / 256  # skimage breaks the tie the same way
+    # a constant map's threshold is its value, so nothing is above it (skimage's too)
     assert otsu_threshold(torch.full((1, 3, 3), 0.7, dtype=torch.float64)).tolist() == [0.7]
+    assert float(threshold_otsu(np.full((3, 3), 0.7))) == 0.7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
